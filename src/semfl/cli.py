@@ -1,0 +1,110 @@
+"""The `semfl` command line: run, models, data, report (and more as methods arrive)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from semfl.config import ConfigError, load_config
+
+
+def _default_out(config: str | None, cfg) -> Path:
+    stem = Path(config).stem if config else cfg.method
+    return Path("runs") / f"{stem}-{cfg.method}-s{cfg.seed}"
+
+
+def cmd_run(args) -> int:
+    from semfl.runtime.run import Runner
+
+    cfg = load_config(args.config, args.set)
+    out = Path(args.out) if args.out else _default_out(args.config, cfg)
+    run_dir = Runner(cfg, out, resume=args.resume, show_progress=not args.quiet).execute()
+    print(f"run directory: {run_dir}\nreport: {run_dir / 'report.html'}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from semfl.models.catalogue import model_table
+
+    rows = model_table(args.scale, args.dataset)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'scale':<6} {'arch':<8} {'role':<10} {'parameters':>14}  image")
+    for r in rows:
+        print(f"{r['scale']:<6} {r['arch']:<8} {r['role']:<10} {r['parameters']:>14,}  {r['image']}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from semfl import data as datamod
+
+    ds = datamod.load_dataset(args.dataset, args.root, download=not args.no_download)
+    root = datamod.resolve_root(args.dataset, args.root)
+    print(f"{ds.name}: {len(ds.train_y)} train / {len(ds.test_y)} test images, shape {tuple(ds.train_x.shape[1:])}, "
+          f"{ds.num_classes} classes, from {root}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from semfl.report import write_run_report
+
+    path = write_run_report(Path(args.run_dir))
+    print(f"report: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="semfl", description="Federated learning of semantic-communication models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one experiment from a TOML config")
+    run.add_argument("config", nargs="?", help="TOML config (omit for all defaults)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.lr=0.05")
+    run.add_argument("--out", help="run directory (default runs/<config>-<method>-s<seed>)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+
+    models = sub.add_parser("models", help="list model presets with parameter counts")
+    models.add_argument("--scale", choices=["tiny", "cpu", "paper", "all"], default="all")
+    models.add_argument("--dataset", default="fashion-mnist", help="image shape to count for (default fashion-mnist)")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(func=cmd_models)
+
+    data = sub.add_parser("data", help="check that a dataset loads (downloads it when allowed)")
+    data.add_argument("dataset")
+    data.add_argument("--root")
+    data.add_argument("--no-download", action="store_true")
+    data.set_defaults(func=cmd_data)
+
+    report = sub.add_parser("report", help="rebuild a run directory's figures and report.html")
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    from semfl.data import DataError
+    from semfl.runtime.run import RunError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, RunError) as exc:
+        print(f"semfl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("semfl: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

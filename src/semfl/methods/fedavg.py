@@ -1,0 +1,62 @@
+"""FedAvg (McMahan et al. 2017): local SGD on the shared semantic model, weighted average (PSFL eq 10)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from semfl.codecs import Payload
+from semfl.methods.base import Method, register_method
+from semfl.runtime.local import UserContext
+from semfl.training import RunningAverage, evaluate_semantic, load_weights, local_train, weights_of
+from semfl.methods.common import build_semantic_model, finish_semantic, train_snr
+
+
+@register_method
+class FedAvg(Method):
+    name = "fedavg"
+
+    def __init__(self, run, transport):
+        super().__init__(run, transport)
+        self.model = build_semantic_model(run, self.cfg.model.arch)  # the one working model
+        self.global_weights = weights_of(self.model)
+
+    def handlers(self):
+        return {"train": self.user_train}
+
+    def user_train(self, ctx: UserContext, payload: Payload) -> Payload:
+        load_weights(self.model, payload.tensors)
+        loss = local_train(self.model, ctx.x, ctx.y, self.cfg.train, train_snr(self.cfg, ctx),
+                           self.run.classifier, ctx.generator("batches"))
+        return Payload(weights_of(self.model), codec="dense", meta={"num_samples": ctx.num_samples, "loss": loss})
+
+    def run_round(self, round_: int, users: list[int]) -> dict[str, Any]:
+        average = RunningAverage()
+        losses = {}
+
+        def collect(user: int, reply: Payload) -> None:
+            average.add(reply.tensors, reply.meta["num_samples"])
+            losses[user] = reply.meta["loss"]
+
+        self.transport.send(users, "train", Payload(self.global_weights, codec="dense"), on_reply=collect)
+        self.global_weights = average.result(self.global_weights)
+        return {"user_rows": [{"user": k, "train_loss": v} for k, v in losses.items()]}
+
+    def evaluate(self, round_: int) -> list[dict[str, Any]]:
+        load_weights(self.model, self.global_weights)
+        row = evaluate_semantic(self.model, self.run.classifier, self.run.test_x, self.run.test_y,
+                                self.cfg.eval.snr_db, self.cfg.eval.batch_size)
+        return [{"scope": "global", **row}]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"global_weights": self.global_weights}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_weights = state["global_weights"]
+
+    def global_model(self) -> torch.nn.Module:
+        load_weights(self.model, self.global_weights)
+        return self.model
+
+    def finish(self, out_dir):
+        return finish_semantic(self.run, {"fedavg": self.global_model()}, out_dir)

@@ -1,0 +1,62 @@
+"""DeepJSCC (Bourtsoulatze et al. 2019): a conv encoder whose output is the channel input.
+
+Encoder: conv5x5 16/s2, 32/s2, 32, 32 (PReLU) gives S on the shared token grid; the last conv
+gives 2 * symbols_per_token reals per position, power-normalised per image into X.
+Decoder mirrors it with transposed convs and a sigmoid; its first layer's output is C.
+Widths scale with the preset; channel counts follow the paper at `cpu`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from semfl.channel import power_normalize
+from semfl.models.base import ImageSpec, SemanticModel, SemanticOutput
+from semfl.models.registry import Shared, register_arch
+
+JSCC_WIDTHS = {"tiny": (8, 8), "cpu": (16, 32), "paper": (64, 128)}
+
+
+class DeepJSCC(SemanticModel):
+    def __init__(self, spec: ImageSpec, channel: nn.Module, shared: Shared, widths: tuple[int, int]):
+        super().__init__(channel)
+        if shared.patch != 4:
+            raise ValueError("DeepJSCC downsamples by 4: the shared patch must be 4")
+        a, b = widths
+        d, s = shared.semantic_dim, shared.symbols_per_token
+        self.grid = (spec.height // 4, spec.width // 4)
+        self.tokens = self.grid[0] * self.grid[1]
+        self.semantic_dim = d
+        self.symbols_per_token = s
+        self.encoder = nn.Sequential(
+            nn.Conv2d(spec.channels, a, 5, 2, 2), nn.PReLU(),
+            nn.Conv2d(a, b, 5, 2, 2), nn.PReLU(),
+            nn.Conv2d(b, b, 5, 1, 2), nn.PReLU(),
+            nn.Conv2d(b, d, 5, 1, 2), nn.PReLU(),
+        )
+        self.to_symbols = nn.Conv2d(d, 2 * s, 5, 1, 2)
+        self.from_symbols = nn.Sequential(nn.ConvTranspose2d(2 * s, d, 5, 1, 2), nn.PReLU())
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(d, b, 5, 1, 2), nn.PReLU(),
+            nn.ConvTranspose2d(b, b, 5, 1, 2), nn.PReLU(),
+            nn.ConvTranspose2d(b, a, 5, 2, 2, output_padding=1), nn.PReLU(),
+            nn.ConvTranspose2d(a, spec.channels, 5, 2, 2, output_padding=1), nn.Sigmoid(),
+        )
+
+    def _tokens(self, fmap: torch.Tensor) -> torch.Tensor:
+        return fmap.flatten(2).transpose(1, 2)
+
+    def forward(self, images: torch.Tensor, snr_db) -> SemanticOutput:
+        feat = self.encoder(images)
+        z = self.to_symbols(feat)  # (B, 2s, h, w): symbol pairs per position
+        z = z.reshape(z.shape[0], self.symbols_per_token, 2, -1).permute(0, 3, 1, 2)  # (B, T, s, 2)
+        X = power_normalize(torch.view_as_complex(z.contiguous()).reshape(z.shape[0], -1))
+        Y = torch.view_as_real(self.channel(X, snr_db)).reshape(z.shape[0], self.tokens, self.symbols_per_token, 2)
+        y_map = Y.permute(0, 2, 3, 1).reshape(z.shape[0], 2 * self.symbols_per_token, *self.grid)
+        c_map = self.from_symbols(y_map)
+        return SemanticOutput(S=self._tokens(feat), X=X, C=self._tokens(c_map), recon=self.decoder(c_map))
+
+
+@register_arch("jscc")
+def build_jscc(scale: str, spec: ImageSpec, channel: nn.Module, shared: Shared) -> DeepJSCC:
+    return DeepJSCC(spec, channel, shared, JSCC_WIDTHS[scale])

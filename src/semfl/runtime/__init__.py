@@ -1,0 +1,1 @@
+"""Runtimes: the local in-process transport, checkpoints, and the run loop."""

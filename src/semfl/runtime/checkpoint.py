@@ -1,0 +1,58 @@
+"""Atomic files: write to a temporary file in the same folder, fsync, then rename."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda h: h.write(text), mode="w")
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    atomic_write(path, lambda h: torch.save(state, h))
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as exc:
+        raise RuntimeError(f"checkpoint {path} is unreadable ({exc})") from None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line torn by a crash ends the valid part
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_text(path, "".join(json.dumps(r) + "\n" for r in rows))
