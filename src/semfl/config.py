@@ -35,6 +35,7 @@ class DataConfig:
     ways_shots_sigma: int = 1
     sizes: list[int] = field(default_factory=list)  # per-user sample counts (PSFL Table I); empty = natural sizes
     max_per_user: int = 0  # cap on each user's samples (0 = no cap); keeps cpu-scale runs short
+    user_fraction: float = 1.0  # keep this fraction of every user's samples (keeps relative sizes, e.g. Table I)
     test_samples: int = 2000  # test images used for evaluation (0 = the whole test set)
 
 
@@ -212,6 +213,9 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
 
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from a nested dict (a parsed TOML file)."""
+    from semfl.methods import available_methods  # late: importing the methods registers their tables
+
+    available_methods()
     raw = dict(raw)
     method_raw = {name: raw.pop(name) for name in list(raw) if name in _METHOD_TABLES}
     for name, value in method_raw.items():
@@ -290,6 +294,7 @@ def validate(cfg: Config) -> None:
            f"data.sizes: needs one size per user ({cfg.users}), got {len(d.sizes)}")
     _check(all(s > 0 for s in d.sizes), "data.sizes: every size must be > 0")
     _check(d.max_per_user >= 0, "data.max_per_user: must be >= 0")
+    _check(0 < d.user_fraction <= 1, f"data.user_fraction: must be in (0, 1], got {d.user_fraction}")
     _check(d.test_samples >= 0, "data.test_samples: must be >= 0")
     k = cfg.link
     _check(k.snr_min_db <= k.snr_max_db,

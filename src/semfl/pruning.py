@@ -33,7 +33,7 @@ from typing import Literal, Sequence
 import torch
 
 Scope = Literal["global", "layer"]
-_EXEMPT_MARKERS = ("token", "pos_embed", "position", "norm")
+_EXEMPT_MARKERS = ("token", "pos_embed", "position")  # matched in the last name component
 
 
 def prune_ratio(snrs_db: Sequence[float], snr_min_db: float, snr_max_db: float,
@@ -52,7 +52,11 @@ def prune_ratio(snrs_db: Sequence[float], snr_min_db: float, snr_max_db: float,
 
 
 def prunable(name: str, tensor: torch.Tensor) -> bool:
-    """Conv / linear weights (floating point, dim >= 2); tokens, position tables, norms exempt."""
+    """Conv / linear weights (floating point, dim >= 2).
+
+    Exempt: biases, norm weights and PReLU slopes (all 1-D), and tokens / position tables
+    (``cls_token``, ``mask_token``, ``pos_embed``, ``decoder_pos_embed``: matched by name).
+    """
     if not torch.is_tensor(tensor) or not tensor.is_floating_point() or tensor.dim() < 2:
         return False
     leaf = name.rsplit(".", 1)[-1].lower()
@@ -144,8 +148,7 @@ def update_masks(weights: dict[str, torch.Tensor], old_masks: dict[str, torch.Te
         else:
             keep = old_keep.clone()
             pruned_idx = torch.nonzero(~old_keep).reshape(-1)
-            gen_device = generator.device if hasattr(generator, "device") else torch.device("cpu")
-            perm = torch.randperm(len(pruned_idx), generator=generator, device=gen_device).to(key.device)
+            perm = torch.randperm(len(pruned_idx), generator=generator, device=generator.device).to(key.device)
             keep[pruned_idx[perm[:already - target]]] = True
             regrown += already - target
         masks.update(_split(keep, weights, names))

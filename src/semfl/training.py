@@ -29,7 +29,7 @@ def reconstruction_loss(recon: torch.Tensor, images: torch.Tensor, labels: torch
     """MSE(m, m_hat) + task_weight * CE(y, classifier(m_hat))."""
     mse = F.mse_loss(recon, images)
     if task_weight == 0:
-        return mse, {"mse": float(mse)}
+        return mse, {"mse": float(mse.detach())}
     ce = F.cross_entropy(classifier(recon), labels)
     return mse + task_weight * ce, {"mse": float(mse), "ce": float(ce)}
 

@@ -9,5 +9,8 @@ from __future__ import annotations
 from semfl.codecs.base import Codec, Payload, available_codecs, get_codec, register_codec
 from semfl.codecs import dense as _dense  # noqa: F401  (registers)
 from semfl.codecs import sparse as _sparse  # noqa: F401
+from semfl.codecs import stc as _stc  # noqa: F401
+from semfl.codecs import ternary as _ternary  # noqa: F401
+from semfl.codecs import qsgd as _qsgd  # noqa: F401
 
 __all__ = ["Codec", "Payload", "available_codecs", "get_codec", "register_codec"]

@@ -20,16 +20,13 @@ class Payload:
         return get_codec(self.codec).bits(self.tensors) + META_BITS * _count_scalars(self.meta)
 
 
-def _count_scalars(meta: dict[str, Any]) -> int:
-    total = 0
-    for value in meta.values():
-        if isinstance(value, dict):
-            total += _count_scalars(value)
-        elif isinstance(value, (list, tuple)):
-            total += len(value)
-        else:
-            total += 1
-    return total
+def _count_scalars(meta: Any) -> int:
+    """Scalars in nested dicts / lists / tuples (a list of lists counts every entry, not its length)."""
+    if isinstance(meta, dict):
+        return sum(_count_scalars(v) for v in meta.values())
+    if isinstance(meta, (list, tuple)):
+        return sum(_count_scalars(v) for v in meta)
+    return 1
 
 
 class Codec:

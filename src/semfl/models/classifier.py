@@ -107,7 +107,9 @@ def frozen_classifier(spec: ImageSpec, dataset: str, train_x: torch.Tensor, trai
     depth = depth or preset.depth
     epochs = epochs or preset.epochs
     width = preset.width
-    key = f"classifier-{dataset}-r{depth}w{width}-e{epochs}-s{seed}-{_fingerprint(train_x, train_y)}.pt"
+    # every training hyper-parameter is in the key: a changed lr / batch size must not reuse a stale model
+    key = (f"classifier-{dataset}-r{depth}w{width}-e{epochs}-lr{lr:g}-b{batch_size}-s{seed}-"
+           f"{_fingerprint(train_x, train_y)}.pt")
     path = Path(cache_dir) / key
     torch.manual_seed(seed)
     model = ResNetClassifier(spec, depth, width)

@@ -41,6 +41,9 @@ def prepare_data(cfg: Config):
                               alpha=cfg.data.dirichlet_alpha, ways=cfg.data.ways, shots=cfg.data.shots,
                               sigma=cfg.data.ways_shots_sigma, sizes=cfg.data.sizes or None,
                               num_classes=dataset.num_classes)
+    if cfg.data.user_fraction < 1:
+        rng = seeding.numpy_rng(cfg.seed, "fraction")
+        parts = [np.sort(rng.choice(p, max(1, math.ceil(cfg.data.user_fraction * len(p))), replace=False)) for p in parts]
     if cfg.data.max_per_user:
         rng = seeding.numpy_rng(cfg.seed, "cap")
         parts = [np.sort(rng.choice(p, cfg.data.max_per_user, replace=False)) if len(p) > cfg.data.max_per_user else p

@@ -1,0 +1,51 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both set up everything.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+FMNIST := /usr/share/datasets/fashion-mnist
+CONFIG ?= configs/quickstart.toml
+ARGS ?=
+
+.PHONY: run test test-slow setup setup-test data bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# the CPU wheel of torch first, so no dependency pulls a CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed data
+setup-test: $(VENV)/.installed-test data
+
+# Debian's Fashion-MNIST package, when missing and apt is usable (root or sudo)
+data:
+	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ] && [ -z "$$SEMFL_DATA" ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) && echo "installed dataset-fashion-mnist"; \
+	  elif command -v sudo >/dev/null; then sudo apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "Fashion-MNIST missing and apt unusable: semfl will try the official download"; fi; \
+	fi
+
+run: setup
+	$(BIN)/semfl run $(CONFIG) $(ARGS)
+
+test: setup-test
+	$(BIN)/python -m pytest -q
+
+test-slow: setup-test
+	$(BIN)/python -m pytest -q -m slow
+
+bench: setup
+	$(BIN)/semfl bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs
