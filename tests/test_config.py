@@ -30,7 +30,8 @@ def test_empty_file_gives_defaults(tmp_path):
     assert cfg.link == LinkConfig()
     assert cfg.train == TrainConfig()
     assert cfg.to_dict() == load_config(None).to_dict()
-    assert set(cfg.methods)  # method tables (e.g. [psfl]) are filled in with their defaults
+    from semfl.config import _METHOD_TABLES
+    assert set(cfg.methods) == set(_METHOD_TABLES)  # method tables (e.g. [psfl]) get their defaults
 
 
 def test_toml_file_loads_typed_fields(tmp_path):

@@ -31,7 +31,7 @@ def reconstruction_loss(recon: torch.Tensor, images: torch.Tensor, labels: torch
     if task_weight == 0:
         return mse, {"mse": float(mse.detach())}
     ce = F.cross_entropy(classifier(recon), labels)
-    return mse + task_weight * ce, {"mse": float(mse), "ce": float(ce)}
+    return mse + task_weight * ce, {"mse": float(mse.detach()), "ce": float(ce.detach())}
 
 
 def snr_tensor(snr_db: float, batch: int, device: torch.device) -> torch.Tensor:

@@ -177,7 +177,7 @@ class PSFL(Method):
             scaled = {k: v * weight for k, v in update.items()}
             masked = mask_update(scaled, ctx.user, self._participants, seeding.derive_seed(self.cfg.seed, ctx.round, "secagg"),
                                  o.secagg_frac_bits)
-            return Payload(dict(masked), codec="dense", meta=meta)  # int64 ring elements: 64 bits each
+            return Payload(masked, codec="dense", meta=meta)  # a MaskedUpdate: a dict that knows its round  # int64 ring elements: 64 bits each
         return Payload(update, codec="sparse", meta=meta)
 
     # --------------------------------------------------------- base station
@@ -223,10 +223,7 @@ class PSFL(Method):
 
         self.transport.send(users, "train", request, on_reply=collect)
         if self.options.secure_aggregation:
-            from semfl.privacy import MaskedUpdate
-
-            wrapped = [MaskedUpdate(m) if not isinstance(m, MaskedUpdate) else m for m in masked_updates]
-            mean_update = unmask_sum(wrapped, self.options.secagg_frac_bits)
+            mean_update = unmask_sum(masked_updates, self.options.secagg_frac_bits)
         else:
             mean_update = average.result(self.global_weights)
         self.global_weights = {k: self.global_weights[k] + mean_update[k].to(self.global_weights[k].dtype)
