@@ -145,3 +145,20 @@ def test_sparse_encoding_is_compact():
     t = _sparse_tensor(100_000, 10)
     sparse, dense = get_codec("sparse"), get_codec("dense")
     assert len(sparse.encode({"t": t})) < len(dense.encode({"t": t})) / 10
+
+
+def test_payload_per_tensor_codecs():
+    """A payload may name a codec per tensor (FTTQ: ternary layers + dense rest); bits add up per group."""
+    tern = torch.tensor([[0.5, -0.5, 0.0], [0.0, 0.5, 0.0]])
+    dense = torch.randn(7)
+    p = Payload({"q": tern, "fp": dense}, codec="dense", codecs={"q": "ternary"}, meta={"n": 1})
+    assert p.codec_of("q") == "ternary" and p.codec_of("fp") == "dense"
+    assert p.bits() == (2 * 6 + 32) + 32 * 7 + META_BITS
+    # without overrides: unchanged single-codec behaviour
+    assert Payload({"q": tern, "fp": dense}).bits() == 32 * 13
+    with pytest.raises(ValueError, match="ternary"):
+        Payload({"q": tern, "fp": dense}, codec="ternary").bits()  # fp is not ternary
+    with pytest.raises(ValueError, match="not in the payload"):
+        Payload({"q": tern}, codecs={"other": "ternary"}).bits()
+    with pytest.raises(ValueError, match="no-such-codec"):
+        Payload({}, codec="no-such-codec").bits()

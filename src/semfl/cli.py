@@ -106,9 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def cmd_pretrain(args) -> int:
     """MAE-pretrain one user's mentor on that user's own data; save it in MAE's checkpoint layout."""
@@ -151,3 +148,26 @@ def _register_pretrain(sub) -> None:
 
 
 _EXTRA_COMMANDS.append(_register_pretrain)
+
+
+def _register_sweep_and_compare(sub) -> None:
+    from semfl import sweep  # light: matplotlib and torch load only when a command runs
+
+    sweep.register(sub)
+    sweep.register_compare(sub)
+
+
+_EXTRA_COMMANDS.append(_register_sweep_and_compare)
+
+
+def _register_bench(sub) -> None:
+    from semfl import bench  # light: torch loads when the module does, only semfl.bench's own imports
+
+    bench.register(sub)
+
+
+_EXTRA_COMMANDS.append(_register_bench)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

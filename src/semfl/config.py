@@ -77,8 +77,13 @@ class TrainConfig:
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
+    grad_clip: float = 0.0  # max global gradient norm per step (0 = no clipping)
     task_weight: float = 0.0  # weight of the frozen classifier's CE in the loss (0 = MSE only)
     participation: float = 1.0  # fraction of users sampled each round
+    # train users of one architecture together with torch.func.vmap (FedAvg): "on", "off", or
+    # "auto" = on for cuda, off on cpu (measured slower on 2 CPU cores; see BENCHMARKS.md)
+    vmap: Literal["off", "on", "auto"] = "auto"
+    vmap_users: int = 32  # at most this many users per vmapped group (bounds activation memory)
 
 
 @dataclass
@@ -100,6 +105,14 @@ class ClassifierConfig:
 
 
 @dataclass
+class EngineConfig:
+    # cap on per-user persistent state (mentors, residuals, optimiser state) held in memory by the
+    # local transport; idle users' state beyond it is saved to a temporary folder in the run
+    # directory and read back when the user is next active. 0 = no cap
+    state_memory_mb: float = 0.0
+
+
+@dataclass
 class Config:
     method: str = "fedavg"
     dataset: str = "fashion-mnist"
@@ -115,6 +128,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     # method tables, filled from register_table(): name -> dataclass instance
     methods: dict[str, Any] = field(default_factory=dict)
 
@@ -309,11 +323,15 @@ def validate(cfg: Config) -> None:
     _check(t.lr > 0, f"train.lr: must be > 0, got {t.lr}")
     _check(0 <= t.momentum < 1, f"train.momentum: must be in [0, 1), got {t.momentum}")
     _check(t.task_weight >= 0, "train.task_weight: must be >= 0")
+    _check(t.grad_clip >= 0, f"train.grad_clip: must be >= 0, got {t.grad_clip}")
     _check(0 < t.participation <= 1, f"train.participation: must be in (0, 1], got {t.participation}")
+    _check(t.vmap_users >= 1, f"train.vmap_users: must be >= 1, got {t.vmap_users}")
+    _check(t.vmap != "on" or t.optimizer == "sgd", "train.vmap: 'on' needs train.optimizer = 'sgd' (batched training implements SGD)")
     e = cfg.eval
     _check(e.every >= 1, f"eval.every: must be >= 1, got {e.every}")
     _check(e.batch_size >= 1, "eval.batch_size: must be >= 1")
     _check(e.grid_images >= 0, "eval.grid_images: must be >= 0")
+    _check(cfg.engine.state_memory_mb >= 0, f"engine.state_memory_mb: must be >= 0, got {cfg.engine.state_memory_mb}")
     c = cfg.classifier
     _check(c.depth in (0, 8, 18, 34, 50, 101), f"classifier.depth: must be one of 0, 8, 18, 34, 50, 101, got {c.depth}")
     _check(c.epochs >= 0, "classifier.epochs: must be >= 0")

@@ -57,7 +57,7 @@ from torch.nn import functional as F
 
 from semfl.config import TrainConfig
 from semfl.models.base import SemanticOutput
-from semfl.training import apply_masks, batches, make_optimizer, snr_tensor
+from semfl.training import apply_masks, batches, clip_gradients, make_optimizer, snr_tensor
 
 
 @dataclass
@@ -93,8 +93,13 @@ def _kl_to(own_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tenso
 
 
 def pld_losses(mentor_out: SemanticOutput, student_out: SemanticOutput, images: torch.Tensor,
-               labels: torch.Tensor, classifier: nn.Module) -> PLDLosses:
-    """PSFL eqs 19-25 on one batch (see the module docstring for the KL direction and detaching)."""
+               labels: torch.Tensor, classifier: nn.Module, ce_weight: float = 1.0,
+               dis_weight: float = 1.0, sem_weight: float = 1.0) -> PLDLosses:
+    """PSFL eqs 19-25 on one batch (see the module docstring for the KL direction and detaching).
+
+    ``ce_weight`` scales the CE term of the task losses (19)-(20), ``dis_weight`` the distillation
+    losses (21)-(22) and ``sem_weight`` the semantic loss (23) in the totals; all 1.0 is the paper's loss.
+    """
     if mentor_out.S.shape != student_out.S.shape or mentor_out.C.shape != student_out.C.shape:
         raise ValueError(f"PLD: mentor and student must expose S and C of the same shape, got "
                          f"S {tuple(mentor_out.S.shape)} vs {tuple(student_out.S.shape)}, "
@@ -106,8 +111,8 @@ def pld_losses(mentor_out: SemanticOutput, student_out: SemanticOutput, images: 
     s_ce = F.cross_entropy(s_logits, labels)
     m_mse = F.mse_loss(mentor_out.recon, images)
     s_mse = F.mse_loss(student_out.recon, images)
-    m_task = m_ce + m_mse  # (19)
-    s_task = s_ce + s_mse  # (20)
+    m_task = ce_weight * m_ce + m_mse  # (19)
+    s_task = ce_weight * s_ce + s_mse  # (20)
     m_task_c, s_task_c = m_task.detach(), s_task.detach()
 
     m_kl = _kl_to(m_logits, s_logits)
@@ -121,8 +126,8 @@ def pld_losses(mentor_out: SemanticOutput, student_out: SemanticOutput, images: 
     m_sem = m_sem_raw / sem_div
     s_sem = s_sem_raw / sem_div
 
-    mentor_total = m_task + m_dis + m_sem  # (24)
-    student_total = s_task + s_dis + s_sem  # (25)
+    mentor_total = m_task + dis_weight * m_dis + sem_weight * m_sem  # (24)
+    student_total = s_task + dis_weight * s_dis + sem_weight * s_sem  # (25)
     return PLDLosses(
         mentor_total=mentor_total, student_total=student_total,
         mentor_task=float(m_task_c), student_task=float(s_task_c),
@@ -136,7 +141,8 @@ def pld_losses(mentor_out: SemanticOutput, student_out: SemanticOutput, images: 
 def pld_step(mentor: nn.Module, student: nn.Module, mentor_opt: torch.optim.Optimizer,
              student_opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
              classifier: nn.Module, snr_db: float,
-             student_masks: dict[str, torch.Tensor] | None = None) -> PLDLosses:
+             student_masks: dict[str, torch.Tensor] | None = None, grad_clip: float = 0.0,
+             ce_weight: float = 1.0, dis_weight: float = 1.0, sem_weight: float = 1.0) -> PLDLosses:
     """One inner step of Algorithm 1: both models at the same SNR, both updated by their totals.
 
     A single backward of ``L'_total + L_total`` gives each model exactly its own gradient (the
@@ -146,10 +152,12 @@ def pld_step(mentor: nn.Module, student: nn.Module, mentor_opt: torch.optim.Opti
     snr = snr_tensor(snr_db, len(images), images.device)
     mentor_out = mentor(images, snr)
     student_out = student(images, snr)
-    losses = pld_losses(mentor_out, student_out, images, labels, classifier)
+    losses = pld_losses(mentor_out, student_out, images, labels, classifier, ce_weight, dis_weight, sem_weight)
     mentor_opt.zero_grad(set_to_none=True)
     student_opt.zero_grad(set_to_none=True)
     (losses.mentor_total + losses.student_total).backward()
+    clip_gradients(mentor, grad_clip)
+    clip_gradients(student, grad_clip)
     mentor_opt.step()
     student_opt.step()
     if student_masks:
@@ -160,7 +168,8 @@ def pld_step(mentor: nn.Module, student: nn.Module, mentor_opt: torch.optim.Opti
 def pld_train(mentor: nn.Module, student: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
               snr_db: float, classifier: nn.Module, generator: torch.Generator,
               student_masks: dict[str, torch.Tensor] | None = None, mentor_lr: float | None = None,
-              mentor_opt_state: dict | None = None) -> dict:
+              mentor_opt_state: dict | None = None, ce_weight: float = 1.0, dis_weight: float = 1.0,
+              sem_weight: float = 1.0) -> dict:
     """Algorithm 1: ``cfg.local_epochs`` epochs of PLD over (x, y) at one channel SNR.
 
     The student's optimiser is fresh every call (its weights come from the broadcast, as in
@@ -187,7 +196,7 @@ def pld_train(mentor: nn.Module, student: nn.Module, x: torch.Tensor, y: torch.T
         for idx in batches(len(x), cfg.batch_size, generator):
             images, labels = x[idx], y[idx]
             losses = pld_step(mentor, student, mentor_opt, student_opt, images, labels, classifier, snr_db,
-                              student_masks)
+                              student_masks, cfg.grad_clip, ce_weight, dis_weight, sem_weight)
             for name, value in losses.floats().items():
                 sums[name] = sums.get(name, 0.0) + value * len(idx)
             count += len(idx)

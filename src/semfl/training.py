@@ -18,6 +18,12 @@ def make_optimizer(params, cfg: TrainConfig, lr: float | None = None) -> torch.o
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def clip_gradients(model: nn.Module, max_norm: float) -> None:
+    """Clip the global gradient norm (0 = off): the task loss through a frozen classifier can spike."""
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
 def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     order = torch.randperm(n, generator=generator)
     for start in range(0, n, batch_size):
@@ -57,6 +63,7 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
             loss, _ = reconstruction_loss(out.recon, images, labels, classifier, cfg.task_weight)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
+            clip_gradients(model, cfg.grad_clip)
             optimiser.step()
             if masks:
                 apply_masks(params, masks)

@@ -15,9 +15,23 @@ class Payload:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     codec: str = "dense"
     meta: dict[str, Any] = field(default_factory=dict)
+    # per-tensor override of `codec` (e.g. FTTQ: "ternary" for quantised layers, "dense" for the
+    # rest); tensors not named here use `codec`. Naming no tensor keeps the one-codec payload.
+    codecs: dict[str, str] = field(default_factory=dict)
+
+    def codec_of(self, name: str) -> str:
+        return self.codecs.get(name, self.codec)
 
     def bits(self) -> int:
-        return get_codec(self.codec).bits(self.tensors) + META_BITS * _count_scalars(self.meta)
+        unknown = sorted(set(self.codecs) - set(self.tensors))
+        if unknown:
+            raise ValueError(f"codec: per-tensor codecs name tensors not in the payload: {', '.join(unknown[:4])}")
+        get_codec(self.codec)  # an unknown codec fails even on an empty payload
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in self.tensors.items():
+            groups.setdefault(self.codec_of(name), {})[name] = tensor
+        tensor_bits = sum(get_codec(codec).bits(group) for codec, group in groups.items())
+        return tensor_bits + META_BITS * _count_scalars(self.meta)
 
 
 def _count_scalars(meta: Any) -> int:

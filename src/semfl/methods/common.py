@@ -68,3 +68,69 @@ def finish_semantic(run: RunContext, models: dict[str, nn.Module], out_dir) -> d
         atomic_text(out_dir / "snr_sweep.json", json.dumps({"snr_db": run.cfg.eval.snr_sweep, "models": sweep}, indent=1))
         plots.snr_sweep(sweep, run.cfg.eval.snr_sweep, out_dir / "figures" / "snr_sweep.png")
     return summary
+
+
+def steps_data(x, y, steps: int, batch_size: int, generator):
+    """Exactly `steps` minibatches worth of samples (steps * batch_size), drawn epoch by epoch
+    from fresh permutations, so that one pass of local_train over them is `steps` SGD steps."""
+    import math
+
+    import torch
+
+    need = steps * batch_size
+    order = torch.cat([torch.randperm(len(x), generator=generator) for _ in range(math.ceil(need / len(x)))])[:need]
+    order = order.to(x.device)
+    return x[order], y[order]
+
+
+def train_delta(run: RunContext, model: nn.Module, weights: dict, ctx, steps: int = 0):
+    """Local training from `weights` (the user's copy of the global model) on the user's data.
+
+    Returns (delta, loss, trained) with delta = w_local - weights per trainable parameter and
+    trained = the local weights. steps > 0 trains exactly that many minibatches (FedPAQ's tau)
+    instead of train.local_epochs epochs. Draws come from ctx.generator("batches") (and
+    ctx.generator("steps") for the step sample), so a user's round is deterministic."""
+    import dataclasses
+
+    from semfl.training import load_weights, local_train, weights_of
+
+    cfg = run.cfg
+    load_weights(model, weights)
+    x, y, train_cfg = ctx.x, ctx.y, cfg.train
+    if steps > 0:
+        x, y = steps_data(x, y, steps, cfg.train.batch_size, ctx.generator("steps"))
+        train_cfg = dataclasses.replace(cfg.train, local_epochs=1)
+    loss = local_train(model, x, y, train_cfg, train_snr(cfg, ctx), run.classifier, ctx.generator("batches"))
+    trained = weights_of(model)
+    delta = {k: trained[k] - weights[k].to(trained[k].device) for k in trained}
+    return delta, loss, trained
+
+
+def to_cpu(tensors: dict) -> dict:
+    """Per-user state lives on the CPU between rounds (runtime.local)."""
+    return {k: v.detach().cpu() for k, v in tensors.items()}
+
+
+def to_device(tensors: dict | None, device) -> dict | None:
+    return None if tensors is None else {k: v.to(device) for k, v in tensors.items()}
+
+
+def send_and_average(transport, users, request, like: dict, weight=None):
+    """Send `request` (one payload or one per user) to `users` and average the replies' tensors as
+    they arrive (a running sum, not K held updates). weight(reply) -> float gives each reply's
+    weight, by default its sample count (PSFL eq 10). Returns (mean, {user: reported loss})."""
+    from semfl.training import RunningAverage
+
+    average = RunningAverage()
+    losses = {}
+
+    def collect(user, reply) -> None:
+        average.add(reply.tensors, reply.meta["num_samples"] if weight is None else weight(reply))
+        losses[user] = reply.meta["loss"]
+
+    transport.send(users, "train", request, on_reply=collect)
+    return average.result(like), losses
+
+
+def loss_rows(losses: dict) -> list[dict]:
+    return [{"user": k, "train_loss": v} for k, v in losses.items()]

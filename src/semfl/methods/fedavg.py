@@ -22,7 +22,38 @@ class FedAvg(Method):
         self.global_weights = weights_of(self.model)
 
     def handlers(self):
-        return {"train": self.user_train}
+        handlers = {"train": self.user_train}
+        if self.use_vmap():
+            handlers["train:batched"] = self.users_train_batched
+        return handlers
+
+    def use_vmap(self) -> bool:
+        """train.vmap: on / off / auto (on for cuda; off on cpu, where it measured slower)."""
+        from semfl.batched import supported
+
+        mode = self.cfg.train.vmap
+        if mode == "off" or (mode == "auto" and self.run.device.type != "cuda"):
+            return False
+        reason = supported(self.model, self.cfg.train)
+        if reason and mode == "on":
+            raise ValueError(f"train.vmap = 'on' but {reason}")
+        return reason is None
+
+    def users_train_batched(self, contexts: list[UserContext], payloads: list[Payload]) -> list[Payload]:
+        """The "train" handler for a group of users at once (torch.func.vmap; same result as user_train)."""
+        from semfl.batched import train_users_vmap
+
+        replies = []
+        chunk = self.cfg.train.vmap_users
+        for start in range(0, len(contexts), chunk):
+            group = contexts[start:start + chunk]
+            results = train_users_vmap(
+                self.model, [p.tensors for p in payloads[start:start + chunk]], [(c.x, c.y) for c in group],
+                self.cfg.train, [train_snr(self.cfg, c) for c in group], self.run.classifier,
+                [c.generator("batches") for c in group], draw_seeds=[c.seed for c in group])
+            replies += [Payload(w, codec="dense", meta={"num_samples": c.num_samples, "loss": loss})
+                        for c, (w, loss) in zip(group, results)]
+        return replies
 
     def user_train(self, ctx: UserContext, payload: Payload) -> Payload:
         load_weights(self.model, payload.tensors)
@@ -38,7 +69,10 @@ class FedAvg(Method):
             average.add(reply.tensors, reply.meta["num_samples"])
             losses[user] = reply.meta["loss"]
 
-        self.transport.send(users, "train", Payload(self.global_weights, codec="dense"), on_reply=collect)
+        send = self.transport.send
+        if "train:batched" in self.transport.handlers and hasattr(self.transport, "send_batched"):
+            send = self.transport.send_batched
+        send(users, "train", Payload(self.global_weights, codec="dense"), on_reply=collect)
         self.global_weights = average.result(self.global_weights)
         return {"user_rows": [{"user": k, "train_loss": v} for k, v in losses.items()]}
 
@@ -59,4 +93,4 @@ class FedAvg(Method):
         return self.model
 
     def finish(self, out_dir):
-        return finish_semantic(self.run, {"fedavg": self.global_model()}, out_dir)
+        return finish_semantic(self.run, {self.name: self.global_model()}, out_dir)

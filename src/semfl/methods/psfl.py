@@ -43,6 +43,9 @@ class PSFLOptions:
     zeta_max: float = 0.9
     prune_scope: str = "global"  # global | layer
     mentor_lr: float = 0.0  # 0 = train.lr
+    ce_weight: float = 1.0  # weight of the classifier CE in the task losses (19)-(20); 1 = the paper
+    dis_weight: float = 1.0  # weight of the distillation losses (21)-(22) in the totals; 1 = the paper
+    sem_weight: float = 1.0  # weight of the semantic loss (23) in the totals; 1 = the paper
     mentor_checkpoint: str = ""  # MAE checkpoint (official key layout) to initialise every mentor
     pretrain_epochs: int = 0  # MAE-pretrain each mentor on its user's data before federated training
     user_eval_samples: int = 500  # test images for each user's mentor/student evaluation
@@ -148,7 +151,9 @@ class PSFL(Method):
             if payload.meta.get("pruned") else None
         stats = pld_train(mentor, self.student, ctx.x, ctx.y, self.cfg.train, train_snr(self.cfg, ctx),
                           self.run.classifier, ctx.generator("batches"), student_masks=masks,
-                          mentor_lr=self.options.mentor_lr or None, mentor_opt_state=ctx.state.get("mentor_opt"))
+                          mentor_lr=self.options.mentor_lr or None, mentor_opt_state=ctx.state.get("mentor_opt"),
+                          ce_weight=self.options.ce_weight, dis_weight=self.options.dis_weight,
+                          sem_weight=self.options.sem_weight)
         ctx.state["mentor"] = {k: v.detach().cpu() for k, v in weights_of(mentor).items()}
         if stats.get("mentor_opt_state") is not None:
             ctx.state["mentor_opt"] = stats.pop("mentor_opt_state")

@@ -51,7 +51,7 @@ def write_run_report(run_dir: Path, summary: dict | None = None) -> Path:
     part_path = run_dir / "partition.json"
     if part_path.is_file():
         made.append(plots.partition(json.loads(part_path.read_text())["class_histogram"], figs / "partition.png"))
-    extra = [figs / name for name in ("reconstructions.png", "snr_sweep.png")]
+    extra = [figs / name for name in ("reconstructions.png", "snr_sweep.png", "features.png")]
     images = [p for p in made if p] + [p for p in extra if p.is_file()]
     globals_ = [r for r in rows if r.get("scope") == "global"]
     keys = ["round"] + [k for k in GLOBAL_KEYS + ROUND_KEYS + ("wall_s",) if any(k in r for r in globals_)]

@@ -125,7 +125,8 @@ class Runner:
             write_partition(run, self.out)
             method_cls = get_method(self.cfg.method)
             seeding.enter(self.cfg.seed, "init")
-            transport = LocalTransport(run.link, user_data, self.cfg.seed, run.device, handlers={})
+            transport = LocalTransport(run.link, user_data, self.cfg.seed, run.device, handlers={},
+                                       state_memory_mb=self.cfg.engine.state_memory_mb, spill_dir=self.out)
             method = method_cls(run, transport)
             transport.handlers = method.handlers()
             transport.on_user_done = self.progress.user_done

@@ -1,0 +1,438 @@
+"""``semfl bench``: how much the engine costs on top of the training it does.
+
+Measures (each result records the machine: CPU model, cores, torch version, threads, load):
+
+* **overhead ratio** = engine wall time for R rounds of FedAvg (and PSFL) with K users ÷ a plain
+  centralised PyTorch loop doing the same forward/backward passes (same model, channel, batch
+  size, number of samples and batches, same loss) on the same device in the same process.
+  Engine time is the runner's round loop: participant sampling, seeding, the method's
+  ``run_round`` (transport, per-user weight loading, link accounting of every payload with its
+  codec, running aggregation, PSFL's pruning and sparse payloads), draining the link into
+  per-user rows, and writing the round checkpoint. Evaluation is excluded from both (the engine
+  runs with evaluation off; it is separate and configurable, ``eval.every``). The plain loop has
+  one model and one optimiser (PSFL: one mentor and optimiser per user, kept in memory).
+  Plain and engine runs are interleaved and each is repeated; the median is reported.
+* **vs Flower**: the same FedAvg workload (model, data partition, local steps, rounds) run by
+  ``benchmarks/flower_baseline.py`` in Flower's simulation engine (``flwr.simulation.run_simulation``,
+  Ray backend) in a subprocess; speed-up = Flower time ÷ semfl time, both end to end (start,
+  data, model, R rounds) and per round in steady state.
+* **scaling**: round time and peak resident memory with 9, 27, 81 users at fixed data per user,
+  each in a fresh subprocess.
+* **vmap**: FedAvg rounds with ``train.vmap`` off and on.
+
+Results: ``<out>/bench-<device>[-quick].json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ----------------------------------------------------------------------------- workloads
+def workload(quick: bool, device: str, method: str = "fedavg", users: int | None = None,
+             per_user: int | None = None, rounds: int | None = None, extra: list[str] | None = None) -> list[str]:
+    """--set overrides of a benchmark run (fashion-mnist, CSC, AWGN at the link SNR, SGD)."""
+    scale = "tiny" if quick else "cpu"
+    users = users or (3 if quick else 9)
+    per_user = per_user or (64 if quick else 256)
+    rounds = rounds or (2 if quick else 3)
+    sets = [f"method={method}", "dataset=fashion-mnist", f"scale={scale}", f"device={device}", f"users={users}",
+            f"rounds={rounds}", "data.partition=iid", f"data.max_per_user={per_user}", "data.test_samples=100",
+            "train.batch_size=32", "train.lr=0.05", "train.momentum=0.9", "train.local_epochs=1",
+            "train.task_weight=0.1", "eval.every=1000000", "eval.grid_images=0", "eval.snr_sweep=[]",
+            "train.vmap=off"]
+    if quick:
+        sets += ["classifier.epochs=1"]
+    return sets + list(extra or []) + _EXTRA
+
+
+_EXTRA: list[str] = []  # `semfl bench --set key=value`: applied to every workload (e.g. data.root)
+
+
+def _context(overrides: list[str]):
+    from semfl.config import load_config
+    from semfl.runtime import seeding
+    from semfl.runtime.run import build_context
+
+    cfg = load_config(None, overrides)
+    seeding.enter(cfg.seed, "setup")
+    run, user_data = build_context(cfg, None, log=lambda m: None)
+    return cfg, run, user_data
+
+
+def engine_rounds(cfg, run, user_data, ckpt_dir: Path) -> float:
+    """Wall time of the runner's round loop (without evaluation) for cfg.rounds rounds."""
+    from semfl.link import round_totals
+    from semfl.methods import get_method
+    from semfl.runtime import seeding
+    from semfl.runtime.checkpoint import save_checkpoint
+    from semfl.runtime.local import LocalTransport
+    from semfl.runtime.run import participants
+
+    run.link.transfers.clear()
+    seeding.enter(cfg.seed, "init")
+    transport = LocalTransport(run.link, user_data, cfg.seed, run.device, handlers={})
+    method = get_method(cfg.method)(run, transport)
+    transport.handlers = method.handlers()
+    _sync(run.device)
+    tic = time.perf_counter()
+    for round_ in range(1, cfg.rounds + 1):
+        users = participants(cfg, round_)
+        transport.round = round_
+        seeding.enter(cfg.seed, round_, "server")
+        method.run_round(round_, users)
+        round_totals(run.link.drain(round_), cfg.link.eta)
+        save_checkpoint(ckpt_dir / "state.pt", {"round": round_, "method": method.state_dict(),
+                                                "transport": transport.state_dict()})
+    _sync(run.device)
+    return time.perf_counter() - tic
+
+
+def plain_fedavg(cfg, run, user_data) -> float:
+    """A plain centralised loop: one model, one SGD optimiser, the same batches through the same
+    forward (channel at each user's link SNR) / loss / backward / step."""
+    import torch
+
+    from semfl.methods.common import build_semantic_model
+    from semfl.training import batches, make_optimizer, reconstruction_loss, snr_tensor
+
+    model = build_semantic_model(run, cfg.model.arch)
+    model.train()
+    opt = make_optimizer(model.parameters(), cfg.train)
+    gen = torch.Generator().manual_seed(0)
+    _sync(run.device)
+    tic = time.perf_counter()
+    for round_ in range(1, cfg.rounds + 1):
+        for user, (x, y) in enumerate(user_data):
+            snr = run.link.snr_db(round_, user)
+            for _ in range(cfg.train.local_epochs):
+                for idx in batches(len(x), cfg.train.batch_size, gen):
+                    images, labels = x[idx], y[idx]
+                    out = model(images, snr_tensor(snr, len(idx), images.device))
+                    loss, _ = reconstruction_loss(out.recon, images, labels, run.classifier, cfg.train.task_weight)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+    _sync(run.device)
+    return time.perf_counter() - tic
+
+
+def plain_psfl(cfg, run, user_data) -> float:
+    """Plain loop for PSFL: one student, one mentor (and its optimiser) per user held in memory,
+    the same PLD steps (pld_step: both models forward/backward) over the same batches."""
+    import torch
+
+    from semfl.methods.common import build_semantic_model
+    from semfl.methods.psfl import choose_mentors
+    from semfl.pld import pld_step
+    from semfl.training import batches, make_optimizer
+
+    student = build_semantic_model(run, cfg.model.arch)
+    student_opt = make_optimizer(student.parameters(), cfg.train)
+    run.classifier.eval()
+    gen = torch.Generator().manual_seed(0)
+    _sync(run.device)
+    tic = time.perf_counter()
+    # the engine builds each user's mentor in round 1 too: timed on both sides
+    mentor_archs = choose_mentors(run.user_sizes, cfg.table("psfl"))
+    mentors = [build_semantic_model(run, a) for a in mentor_archs]
+    mentor_opts = [make_optimizer(m.parameters(), cfg.train) for m in mentors]
+    for round_ in range(1, cfg.rounds + 1):
+        for user, (x, y) in enumerate(user_data):
+            snr = run.link.snr_db(round_, user)
+            mentors[user].train()
+            student.train()
+            for _ in range(cfg.train.local_epochs):
+                for idx in batches(len(x), cfg.train.batch_size, gen):
+                    pld_step(mentors[user], student, mentor_opts[user], student_opt, x[idx], y[idx],
+                             run.classifier, snr, None, cfg.train.grad_clip)
+    _sync(run.device)
+    return time.perf_counter() - tic
+
+
+def _sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, *args) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of fn(*args)."""
+    cpu = time.process_time()
+    wall = fn(*args)
+    return wall, time.process_time() - cpu
+
+
+def overhead(quick: bool, device: str, method: str, repeats: int) -> dict:
+    """Plain and engine runs interleaved, ``repeats`` times each. Reported: the ratio of medians,
+    of minima (best of N: the usual estimator on a loaded machine, where other processes only
+    ever add time) and of process CPU time (less sensitive to other processes on the cores)."""
+    cfg, run, user_data = _context(workload(quick, device, method))
+    plain_fn = plain_psfl if method == "psfl" else plain_fedavg
+    plain, engine = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        if not quick:
+            plain_fn(cfg, run, user_data)  # warm-up (allocator, Sionna blocks)
+        for _ in range(repeats):
+            plain.append(_timed(plain_fn, cfg, run, user_data))
+            engine.append(_timed(engine_rounds, cfg, run, user_data, Path(tmp)))
+    pw, ew = [w for w, _ in plain], [w for w, _ in engine]
+    pc, ec = [c for _, c in plain], [c for _, c in engine]
+    med = statistics.median
+    return {"method": method, "users": cfg.users, "rounds": cfg.rounds, "samples_per_user": len(user_data[0][1]),
+            "batch_size": cfg.train.batch_size, "scale": cfg.scale, "repeats": repeats,
+            "plain_s": pw, "engine_s": ew, "plain_cpu_s": pc, "engine_cpu_s": ec,
+            "plain_median_s": med(pw), "engine_median_s": med(ew), "overhead_ratio": med(ew) / med(pw),
+            "overhead_ratio_min": min(ew) / min(pw), "overhead_ratio_cpu": med(ec) / med(pc)}
+
+
+def vmap_compare(quick: bool, device: str, repeats: int) -> dict:
+    out = {}
+    for mode in ("off", "on"):
+        cfg, run, user_data = _context(workload(quick, device, "fedavg", extra=[f"train.vmap={mode}"]))
+        with tempfile.TemporaryDirectory() as tmp:
+            times = [engine_rounds(cfg, run, user_data, Path(tmp)) for _ in range(repeats)]
+        out[mode] = {"engine_s": times, "median_s": statistics.median(times),
+                     "round_s": statistics.median(times) / cfg.rounds}
+    out["speedup_on_vs_off"] = out["off"]["median_s"] / out["on"]["median_s"]
+    return out
+
+
+# ----------------------------------------------------------------------------- subprocess points
+def _child(argv: list[str], timeout: float) -> dict:
+    """Run a Python child; its last stdout line is JSON. Adds process_s: the child's wall time."""
+    env = dict(os.environ)
+    tic = time.perf_counter()
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["process_s"] = time.perf_counter() - tic
+    return out
+
+
+def scaling_point(overrides: list[str]) -> dict:
+    """One scaling measurement in this (fresh) process: round time and peak RSS."""
+    import threading
+
+    cfg, run, user_data = _context(overrides)
+    data_mb = sum(x.element_size() * x.numel() + y.element_size() * y.numel() for x, y in user_data) / 2 ** 20
+    rss_before = _rss_mb()
+    peak = [rss_before]
+    done = threading.Event()
+
+    def sample() -> None:  # the process's peak RSS *during the rounds* (ru_maxrss is dominated by setup)
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], _rss_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        wall = engine_rounds(cfg, run, user_data, Path(tmp))
+    done.set()
+    sampler.join()
+    return {"users": cfg.users, "rounds": cfg.rounds, "round_s": wall / cfg.rounds,
+            "round_s_per_user": wall / cfg.rounds / cfg.users, "rss_before_rounds_mb": rss_before,
+            "peak_rss_rounds_mb": peak[0], "rss_growth_rounds_mb": peak[0] - rss_before,
+            "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "user_data_mb": data_mb}
+
+
+def _rss_mb() -> float:
+    """Current resident set size of this process (Linux /proc; falls back to the peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def flower_compare(quick: bool, device: str, semfl_repeats: int, timeout: float) -> dict:
+    sets = workload(quick, device, "fedavg")
+    flower = _child([str(REPO / "benchmarks" / "flower_baseline.py"), "--json", *sum((["--set", s] for s in sets), [])],
+                    timeout)
+    # semfl end to end in a fresh process too (import, data, classifier from cache, model, R rounds)
+    semfl = _child(["-m", "semfl.bench", "--end-to-end", *sum((["--set", s] for s in sets), [])], timeout)
+    return {"flower": flower, "semfl": semfl,
+            "speedup_end_to_end": flower["process_s"] / semfl["process_s"],
+            "speedup_per_round": flower["steady_round_s"] / semfl["round_s"]}
+
+
+def end_to_end(overrides: list[str]) -> dict:
+    """semfl's side of the Flower comparison, run in a fresh process (the parent times the process)."""
+    cfg, run, user_data = _context(overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        wall = engine_rounds(cfg, run, user_data, Path(tmp))
+    return {"rounds_s": wall, "round_s": wall / cfg.rounds}
+
+
+# ----------------------------------------------------------------------------- report
+def machine(device: str) -> dict:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "device": device, "load_avg": list(os.getloadavg()),
+            "platform": platform.platform(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import flwr
+
+        info["flwr"] = flwr.__version__ if hasattr(flwr, "__version__") else ""
+    except Exception:  # pragma: no cover
+        pass
+    return info
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"# semfl bench ({m['device']}{', quick' if result['quick'] else ''})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+             f"device {m['device']}; load average at start {m['load_avg'][0]:.2f}, at end "
+             f"{result.get('load_avg_end', [0])[0]:.2f}; {m['time_utc']}.", ""]
+    if result.get("overhead"):
+        lines += ["## Overhead ratio (engine ÷ plain loop, same forward/backward work)", "",
+                  "| method | users | rounds | samples/user | repeats | plain, median (s) | engine, median (s) | "
+                  "ratio of medians | ratio of minima | ratio of CPU time |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for o in result["overhead"]:
+            nan = float("nan")
+            lines.append(f"| {o['method']} | {o['users']} | {o['rounds']} | {o['samples_per_user']} | {o.get('repeats', '')} | "
+                         f"{o['plain_median_s']:.2f} | {o['engine_median_s']:.2f} | {o['overhead_ratio']:.3f} | "
+                         f"{o.get('overhead_ratio_min', nan):.3f} | **{o.get('overhead_ratio_cpu', nan):.3f}** |")
+        lines += ["", "Wall-clock ratios swing with other processes' load; the CPU-time ratio (this process's "
+                  "CPU seconds) is the steadier estimate on a shared machine."]
+        lines.append("")
+    if result.get("flower"):
+        f = result["flower"]
+        lines += ["## semfl vs Flower simulation (same FedAvg workload)", "",
+                  "| | end to end (s) | per round, steady (s) |", "|---|---|---|",
+                  f"| Flower {f['flower'].get('flwr', '')} run_simulation | {f['flower']['process_s']:.2f} | {f['flower']['steady_round_s']:.2f} |",
+                  f"| semfl local | {f['semfl']['process_s']:.2f} | {f['semfl']['round_s']:.2f} |",
+                  f"| **speed-up** | **{f['speedup_end_to_end']:.1f}×** | **{f['speedup_per_round']:.2f}×** |", ""]
+    if result.get("scaling"):
+        lines += ["## Scaling (FedAvg, fixed data per user)", "",
+                  "| users | round (s) | round / user (s) | RSS before rounds (MB) | peak RSS in rounds (MB) | "
+                  "growth in rounds (MB) | users' data (MB) |", "|---|---|---|---|---|---|---|"]
+        for s in result["scaling"]:
+            lines.append(f"| {s['users']} | {s['round_s']:.2f} | {s['round_s_per_user']:.3f} | {s['rss_before_rounds_mb']:.0f} | "
+                         f"{s['peak_rss_rounds_mb']:.0f} | {s['rss_growth_rounds_mb']:.1f} | {s['user_data_mb']:.1f} |")
+        lines.append("")
+    if result.get("vmap"):
+        v = result["vmap"]
+        lines += ["## Batched users (torch.func.vmap), FedAvg", "", "| train.vmap | rounds (s) | per round (s) |",
+                  "|---|---|---|",
+                  f"| off | {v['off']['median_s']:.2f} | {v['off']['round_s']:.2f} |",
+                  f"| on | {v['on']['median_s']:.2f} | {v['on']['round_s']:.2f} |",
+                  f"| speed-up on/off | {v['speedup_on_vs_off']:.2f}× | |", ""]
+    if result.get("measured"):
+        lines += ["Load average (1 min) when each part started / ended: " + "; ".join(
+            f"{k} {v['load_avg_start'][0]:.2f} / {v.get('load_avg_end', [float('nan')])[0]:.2f} ({v['time_utc']})"
+            for k, v in result["measured"].items()) + ".", ""]
+    if result.get("errors"):
+        lines += ["## Not measured", ""] + [f"- {k}: {v}" for k, v in result["errors"].items()] + [""]
+    return "\n".join(lines)
+
+
+def bench(device: str = "cpu", quick: bool = False, out: Path = Path("benchmarks/results"),
+          parts: tuple[str, ...] = ("overhead", "flower", "scaling", "vmap", "psfl"), repeats: int = 3,
+          log=print, sets: list[str] | None = None, merge: bool = False) -> dict:
+    import torch
+
+    _EXTRA[:] = list(sets or [])
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("semfl bench: --device cuda requested but CUDA is not available")
+    out = Path(out)
+    stem = f"bench-{device.split(':')[0]}{'-quick' if quick else ''}"
+    result: dict = {"machine": machine(device), "quick": quick, "errors": {}, "overhead": [],
+                    "workload": workload(quick, device, "fedavg"), "measured": {}}
+    if merge and (out / f"{stem}.json").is_file():  # a partial rerun (--only) replaces just its parts
+        result = json.loads((out / f"{stem}.json").read_text())
+        result.setdefault("measured", {})
+        for name in parts:
+            result["errors"].pop(name, None)
+            if name in ("overhead", "psfl"):
+                method = "fedavg" if name == "overhead" else "psfl"
+                result["overhead"] = [o for o in result.get("overhead", []) if o["method"] != method]
+    steps = {
+        "overhead": lambda: result["overhead"].append(overhead(quick, device, "fedavg", repeats)),
+        "psfl": lambda: result["overhead"].append(overhead(quick, device, "psfl", max(1, repeats - 1))),
+        "vmap": lambda: result.__setitem__("vmap", vmap_compare(quick, device, max(1, repeats - 1))),
+        "flower": lambda: result.__setitem__("flower", flower_compare(quick, device, repeats, 600 if quick else 1800)),
+        "scaling": lambda: result.__setitem__("scaling", [
+            _child(["-m", "semfl.bench", "--scaling-point",
+                    *sum((["--set", s] for s in workload(quick, device, "fedavg", users=k,
+                                                          per_user=32 if quick else 64, rounds=2)), [])], 1800)
+            for k in ((3, 9) if quick else (9, 27, 81))]),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for name in parts:
+        log(f"bench: {name} ...")
+        result["measured"][name] = {"time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                    "load_avg_start": list(os.getloadavg())}
+        tic = time.perf_counter()
+        try:
+            steps[name]()
+        except Exception as exc:  # record and go on: one failing part should not lose the others
+            result["errors"][name] = f"{type(exc).__name__}: {str(exc)[-800:]}"
+        result.setdefault("part_s", {})[name] = time.perf_counter() - tic
+        result["measured"][name]["load_avg_end"] = list(os.getloadavg())
+        result["load_avg_end"] = list(os.getloadavg())
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))  # after every part: nothing is lost
+        (out / f"{stem}.md").write_text(markdown(result))
+        log(f"bench: {name} done in {time.perf_counter() - tic:.0f} s (load {os.getloadavg()[0]:.2f})")
+    log(f"bench: wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
+    return result
+
+
+def cmd_bench(args) -> int:
+    parts = tuple(args.only.split(",")) if args.only else ("overhead", "flower", "scaling", "vmap", "psfl")
+    result = bench(args.device, args.quick, Path(args.out), parts, args.repeats, sets=args.set, merge=bool(args.only))
+    print(markdown(result))
+    return 0 if not result["errors"] else 1
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="engine overhead, Flower comparison, scaling; JSON + Markdown results")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--quick", action="store_true", help="tiny models and few users: a smoke run in seconds")
+    p.add_argument("--out", default="benchmarks/results", help="folder for bench-<device>.json/.md")
+    p.add_argument("--only", default="", help="comma-separated parts: overhead,flower,scaling,vmap,psfl "
+                                              "(merged into an existing result file of the same device)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of each timed loop (median reported)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override applied to every benchmark workload (e.g. data.root=DIR)")
+    p.set_defaults(func=cmd_bench)
+
+
+if __name__ == "__main__":  # subprocess entry points used by bench()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scaling-point", action="store_true")
+    ap.add_argument("--end-to-end", action="store_true")
+    ap.add_argument("--set", action="append", default=[])
+    a = ap.parse_args()
+    if a.scaling_point:
+        print(json.dumps(scaling_point(a.set)))
+    elif a.end_to_end:
+        print(json.dumps(end_to_end(a.set)))

@@ -1,0 +1,169 @@
+"""Batched users (torch.func.vmap): same result as training each user in turn, to float tolerance."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from semfl.batched import supported, train_users_vmap
+from semfl.channel import Channel
+from semfl.config import ConfigError, TrainConfig, load_config
+from semfl.models import ImageSpec, build_model
+from semfl.runtime import seeding
+from semfl.runtime.checkpoint import read_jsonl
+from semfl.runtime.run import Runner
+from semfl.training import load_weights, local_train, weights_of
+
+SPEC = ImageSpec(1, 28, 28, 10)
+SEEDS = [101, 202, 303]
+
+
+def _setup(kind: str):
+    torch.manual_seed(0)
+    model = build_model("csc", "tiny", SPEC, Channel(kind))
+    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)).eval()
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(1)
+    sizes = [20, 16, 13]  # different sizes: padded last batches and users that run out of batches
+    data = [(torch.rand(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,), generator=gen)) for n in sizes]
+    return model, classifier, data
+
+
+def _sequential(model, classifier, data, cfg, snrs, starts):
+    out = []
+    for k in range(len(data)):
+        load_weights(model, starts[k])
+        seeding.enter(SEEDS[k])  # what LocalTransport.send does before a user's handler
+        loss = local_train(model, *data[k], cfg, snrs[k], classifier, seeding.generator(SEEDS[k], "batches"))
+        out.append((weights_of(model), loss))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["awgn", "rayleigh"])
+def test_vmap_matches_sequential_local_train(kind):
+    model, classifier, data = _setup(kind)
+    cfg = TrainConfig(batch_size=8, lr=0.05, momentum=0.9, weight_decay=1e-4, task_weight=0.1, local_epochs=2)
+    snrs = [0.0, 10.0, 20.0]
+    w0 = weights_of(model)
+    # different starting weights per user: the optimiser state and parameters are per user
+    starts = [{n: v + 0.01 * k for n, v in w0.items()} for k in range(3)]
+    seq = _sequential(model, classifier, data, cfg, snrs, starts)
+    bat = train_users_vmap(model, starts, data, cfg, snrs, classifier,
+                           [seeding.generator(s, "batches") for s in SEEDS], draw_seeds=SEEDS)
+    assert len(bat) == 3
+    for (ws, ls), (wb, lb), start in zip(seq, bat, starts):
+        assert set(ws) == set(wb)
+        for name in ws:
+            torch.testing.assert_close(wb[name], ws[name], rtol=1e-4, atol=1e-5)
+        assert lb == pytest.approx(ls, rel=1e-5)
+        assert any(not torch.equal(ws[n], start[n]) for n in ws)  # it trained
+    # the working model keeps its own channel afterwards
+    assert isinstance(model.channel, Channel)
+
+
+def test_vmap_is_deterministic_and_per_user():
+    model, classifier, data = _setup("awgn")
+    cfg = TrainConfig(batch_size=8, lr=0.05, momentum=0.9)
+    w0 = weights_of(model)
+
+    def once():
+        return train_users_vmap(model, [w0] * 3, data, cfg, [5.0] * 3, classifier,
+                                [seeding.generator(s, "batches") for s in SEEDS], draw_seeds=SEEDS)
+
+    a, b = once(), once()
+    for (wa, la), (wb, lb) in zip(a, b):
+        assert la == lb
+        assert all(torch.equal(wa[n], wb[n]) for n in wa)
+    # users differ (own data, own noise, own momentum)
+    assert not torch.equal(a[0][0]["project.weight"], a[1][0]["project.weight"])
+
+
+def test_supported_refuses_adam_and_batchnorm():
+    model, _, _ = _setup("awgn")
+    assert supported(model, TrainConfig()) is None
+    assert "sgd" in supported(model, TrainConfig(optimizer="adam")).lower()
+    bn = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+    bn.channel = Channel("awgn")
+    assert "BatchNorm" in supported(bn, TrainConfig())
+
+
+def test_config_vmap_field():
+    assert load_config(None, []).train.vmap == "auto"
+    with pytest.raises(ConfigError, match="train.vmap"):
+        load_config(None, ["train.vmap=maybe"])
+    with pytest.raises(ConfigError, match="train.vmap"):
+        load_config(None, ["train.vmap=on", "train.optimizer=adam"])
+
+
+def test_fedavg_run_vmap_on_equals_off(tiny_overrides, tmp_path):
+    """Whole runs through the local transport: send_batched charges the link as send does and the
+    metrics agree (weights to float tolerance, so losses to ~1e-5)."""
+    rows = {}
+    for mode in ("off", "on"):
+        cfg = load_config(None, tiny_overrides + ["rounds=2", f"train.vmap={mode}", "eval.snr_sweep=[]",
+                                                  "eval.grid_images=0", "data.max_per_user=40"])
+        out = tmp_path / mode
+        Runner(cfg, out, show_progress=False, log=lambda m: None).execute()
+        rows[mode] = read_jsonl(out / "metrics.jsonl")
+    off, on = rows["off"], rows["on"]
+    assert len(off) == len(on)
+    for a, b in zip(off, on):
+        assert set(a) == set(b)
+        for key, value in a.items():
+            if key == "wall_s":
+                continue
+            if isinstance(value, float):
+                assert b[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+            else:
+                assert b[key] == value, key
+
+
+def test_user_states_spill_to_disk_under_a_memory_cap(tmp_path):
+    from semfl.runtime.local import UserStates
+
+    states = UserStates(4, cap_bytes=3 * 4000 + 100, spill_parent=tmp_path)  # room for 3 states of 4000 bytes
+    for user in range(4):
+        states[user]["mentor"] = torch.full((1000,), float(user))  # 4000 bytes each
+        states.enforce(touched=[user], keep=[user])
+    assert states.spills == 1 and states.in_memory_bytes() <= states.cap_bytes
+    spilled = list(tmp_path.glob("state-spill-*/user-0.pt"))
+    assert len(spilled) == 1  # the least recently used user went to disk, under the run dir
+    assert torch.equal(states[0]["mentor"], torch.zeros(1000))  # read back transparently
+    assert states.loads == 1 and not spilled[0].exists()
+    states.enforce(touched=[0], keep=[0])
+    assert states.spills == 2  # now user 1 (least recently used) went out
+    assert sorted(states) == [0, 1, 2, 3] and len(states) == 4
+    full = states.to_dict()
+    assert [float(full[k]["mentor"][0]) for k in range(4)] == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.slow
+def test_transport_state_cap_keeps_psfl_like_state_working(tiny_overrides, tmp_path):
+    """A run with a tiny cap gives the same metrics as one without (states round-trip through disk)."""
+    rows = {}
+    for cap in ("0", "0.001"):
+        cfg = load_config(None, tiny_overrides + ["rounds=2", "method=psfl", f"engine.state_memory_mb={cap}",
+                                                  "eval.snr_sweep=[]", "eval.grid_images=0", "data.max_per_user=40",
+                                                  "data.sizes=[]"])
+        out = tmp_path / f"cap{cap}"
+        Runner(cfg, out, show_progress=False, log=lambda m: None).execute()
+        rows[cap] = [{k: v for k, v in r.items() if k != "wall_s"} for r in read_jsonl(out / "metrics.jsonl")]
+    assert rows["0"] == rows["0.001"]
+
+
+def test_bench_quick_smoke(fmnist_root, tmp_path):
+    import json
+
+    from semfl.cli import main
+
+    out = tmp_path / "results"
+    code = main(["bench", "--quick", "--only", "overhead,vmap", "--repeats", "1", "--out", str(out),
+                 "--set", f"data.root={fmnist_root}", "--set", "data.download=false",
+                 "--set", f"classifier.cache_dir={tmp_path / 'cache'}"])
+    assert code == 0
+    result = json.loads((out / "bench-cpu-quick.json").read_text())
+    assert {"cpu", "cores", "torch", "device", "load_avg"} <= set(result["machine"])
+    (fedavg,) = result["overhead"]
+    assert fedavg["overhead_ratio"] > 0 and fedavg["plain_s"] and fedavg["engine_s"]
+    assert result["vmap"]["on"]["median_s"] > 0
+    assert "Overhead ratio" in (out / "bench-cpu-quick.md").read_text()
