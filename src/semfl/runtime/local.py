@@ -186,20 +186,30 @@ class LocalTransport:
         handler = self.handlers[kind]
         replies: dict[int, Payload] = {}
         for user in users:
-            request = payload[user] if isinstance(payload, dict) else payload
-            self.link.send(self.round, user, "downlink", request.bits())
+            request = self._downlink(user, payload)
             ctx = self.context(user, kind)
             seeding.enter(ctx.seed)
             reply = handler(ctx, request)
             self.states.enforce(touched=[user])
-            self.link.send(self.round, user, "uplink", reply.bits())
-            if self.on_user_done is not None:
-                self.on_user_done(user)
-            if on_reply is None:
-                replies[user] = reply
-            else:
-                on_reply(user, reply)
+            self._uplink(user, reply, replies, on_reply)
         return replies
+
+    def _downlink(self, user: int, payload: Payload | dict[int, Payload]) -> Payload:
+        """The request for `user` (broadcast or its own), charged to its downlink."""
+        request = payload[user] if isinstance(payload, dict) else payload
+        self.link.send(self.round, user, "downlink", request.bits())
+        return request
+
+    def _uplink(self, user: int, reply: Payload, replies: dict[int, Payload],
+                on_reply: Callable[[int, Payload], None] | None) -> None:
+        """Charge a reply to the user's uplink, then keep it or hand it to `on_reply`."""
+        self.link.send(self.round, user, "uplink", reply.bits())
+        if self.on_user_done is not None:
+            self.on_user_done(user)
+        if on_reply is None:
+            replies[user] = reply
+        else:
+            on_reply(user, reply)
 
     def send_batched(self, users: Iterable[int], kind: str, payload: Payload | dict[int, Payload],
                      on_reply: Callable[[int, Payload], None] | None = None) -> dict[int, Payload]:
@@ -215,9 +225,7 @@ class LocalTransport:
         if batched is None:
             return self.send(users, kind, payload, on_reply)
         users = list(users)
-        requests = [payload[user] if isinstance(payload, dict) else payload for user in users]
-        for user, request in zip(users, requests):
-            self.link.send(self.round, user, "downlink", request.bits())
+        requests = [self._downlink(user, payload) for user in users]
         contexts = [self.context(user, kind) for user in users]
         out = batched(contexts, requests)
         self.states.enforce(touched=users)
@@ -225,13 +233,7 @@ class LocalTransport:
             raise RuntimeError(f"batched handler {kind!r} returned {len(out)} replies for {len(users)} users")
         replies: dict[int, Payload] = {}
         for user, reply in zip(users, out):
-            self.link.send(self.round, user, "uplink", reply.bits())
-            if self.on_user_done is not None:
-                self.on_user_done(user)
-            if on_reply is None:
-                replies[user] = reply
-            else:
-                on_reply(user, reply)
+            self._uplink(user, reply, replies, on_reply)
         return replies
 
     def state_dict(self) -> dict:

@@ -39,12 +39,10 @@ class RunProgress:
             self.progress.console.log(message)
 
     def classifier_task(self, samples: int):
-        total = samples * max(1, self.cfg.classifier.epochs or 1)
         self.classifier_task_id = self.progress.add_task("classifier", total=None, info=f"{samples} images")
 
         def tick(n: int) -> None:
             self.progress.advance(self.classifier_task_id, n)
-        del total
         return tick
 
     def classifier_done(self) -> None:
