@@ -84,7 +84,7 @@ def test_split_gradient_equals_autograd_through_full_model(split_setup):
         "fedcl.batches_per_message=1", "fedcl.downlink_snr_db=inf", "train.momentum=0", "fedcl.lam=0.05",
         "channel.train_snr=fixed", "channel.snr_db=3.0", "fedcl.encoders=['dcgan-s', 'dcgan-m', 'dcgan-l']"])
     user, lr = 1, cfg.train.lr
-    theta0 = {k: v.clone() for k, v in method.encoder_state(user).items()}
+    theta0 = {k: v.clone() for k, v in method.encoder_state(transport.states[user], user).items()}
     reply = transport.send([user], "step", Payload())[user]
     f_hat, labels = reply.tensors["features"], reply.tensors["labels"]
     idx = method.round_batches(transport.context(user, "step"))[0]
@@ -113,7 +113,7 @@ def test_split_gradient_equals_autograd_through_full_model(split_setup):
     assert counts.sum() == len(labels)
 
     transport.send([user], "step", Payload({"gradients": grads}))
-    theta1 = method.encoder_state(user)
+    theta1 = method.encoder_state(transport.states[user], user)
     for name, p in reference.named_parameters():
         torch.testing.assert_close((theta0[name] - theta1[name]) / lr, p.grad, rtol=1e-3, atol=1e-6)
 

@@ -110,6 +110,11 @@ class EngineConfig:
     # local transport; idle users' state beyond it is saved to a temporary folder in the run
     # directory and read back when the user is next active. 0 = no cap
     state_memory_mb: float = 0.0
+    # Flower transport: how long the base station waits for the users' replies to one request
+    # before it goes on with those that answered (the others are logged as missing); 0 = no limit
+    reply_timeout_s: float = 0.0
+    # how long it waits at the start of a run for every user's node to connect
+    connect_timeout_s: float = 120.0
 
 
 @dataclass
@@ -278,6 +283,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return from_dict(apply_overrides(raw, list(overrides or [])))
 
 
+def loads_config(text: str, overrides: list[str] | None = None) -> Config:
+    """A config from TOML text (what the Flower transport sends to users' nodes)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: not valid TOML ({exc})") from None
+    return from_dict(apply_overrides(raw, list(overrides or [])))
+
+
 def dump_config(cfg: Config) -> str:
     return tomli_w.dumps(cfg.to_dict())
 
@@ -332,6 +346,8 @@ def validate(cfg: Config) -> None:
     _check(e.batch_size >= 1, "eval.batch_size: must be >= 1")
     _check(e.grid_images >= 0, "eval.grid_images: must be >= 0")
     _check(cfg.engine.state_memory_mb >= 0, f"engine.state_memory_mb: must be >= 0, got {cfg.engine.state_memory_mb}")
+    _check(cfg.engine.reply_timeout_s >= 0, f"engine.reply_timeout_s: must be >= 0, got {cfg.engine.reply_timeout_s}")
+    _check(cfg.engine.connect_timeout_s > 0, f"engine.connect_timeout_s: must be > 0, got {cfg.engine.connect_timeout_s}")
     c = cfg.classifier
     _check(c.depth in (0, 8, 18, 34, 50, 101), f"classifier.depth: must be one of 0, 8, 18, 34, 50, 101, got {c.depth}")
     _check(c.epochs >= 0, "classifier.epochs: must be >= 0")

@@ -53,6 +53,8 @@ class Method:
     """Subclasses set `name` and implement handlers(), run_round() and evaluate()."""
 
     name = "method"
+    # request kinds its user handlers serve (names of Flower query actions when not train/evaluate)
+    user_kinds: tuple[str, ...] = ("train",)
 
     def __init__(self, run: RunContext, transport: Any):
         self.run = run

@@ -72,6 +72,7 @@ def batch_sizes(num_samples: int, batch_size: int, epochs: int) -> list[int]:
 @register_method
 class FedCL(Method):
     name = "fedcl"
+    user_kinds = ("step",)
 
     def __init__(self, run, transport):
         super().__init__(run, transport)
@@ -79,7 +80,6 @@ class FedCL(Method):
         self.channel = make_channel(self.cfg.channel)
         self.encoder_of = assign_encoders(run.user_sizes, self.options)
         self._encoders: dict[str, torch.nn.Module] = {}  # one working encoder per preset
-        self._holder: dict[str, int] = {}  # preset -> user whose weights the working encoder holds
         self.head = build_head(run)  # the one working head
         self.global_head = float_state(self.head)
         self.scg = SCG(run.spec.num_classes, self.options.scg_input, self.options.scg_hidden,
@@ -99,22 +99,19 @@ class FedCL(Method):
     def handlers(self):
         return {"step": self.user_step}
 
-    def encoder_state(self, user: int) -> dict[str, torch.Tensor]:
-        """A user's encoder weights, initialised (deterministically per user) on first use."""
-        state = self.transport.states[user]
+    def encoder_state(self, state: dict, user: int) -> dict[str, torch.Tensor]:
+        """A user's encoder weights from its state, initialised (deterministically per user) on first use."""
         if "encoder" not in state:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seeding.derive_seed(self.cfg.seed, "encoder", user))
                 state["encoder"] = float_state(build_encoder(self.run, self.encoder_of[user]))
         return state["encoder"]
 
-    def working_encoder(self, user: int, load: bool = True) -> torch.nn.Module:
+    def working_encoder(self, user: int, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
         preset = self.encoder_of[user]
         if preset not in self._encoders:
             self._encoders[preset] = build_encoder(self.run, preset)
-        if load:
-            load_float_state(self._encoders[preset], self.encoder_state(user))
-            self._holder[preset] = user
+        load_float_state(self._encoders[preset], weights)
         return self._encoders[preset]
 
     def round_batches(self, ctx: UserContext) -> list[torch.Tensor]:
@@ -122,32 +119,41 @@ class FedCL(Method):
         return [idx for _ in range(self.cfg.train.local_epochs)
                 for idx in batches(ctx.num_samples, self.cfg.train.batch_size, gen)]
 
-    def user_step(self, ctx: UserContext, payload: Payload) -> Payload:
-        """Apply the gradients of the previous message (if any), then send the next features (if any)."""
-        state = ctx.state
-        if "gradients" in payload.tensors:
-            encoder = self.working_encoder(ctx.user, load=False)
-            if self._holder.get(self.encoder_of[ctx.user]) != ctx.user:
-                raise RuntimeError("fedcl: the working encoder was reloaded between a user's features and gradients")
-            self.apply_gradients(ctx, encoder, payload.tensors["gradients"])
-        else:
-            encoder = self.working_encoder(ctx.user)
-        plan = self.round_batches(ctx)
-        cursor = state.get("cursor", 0) if state.get("cursor_round") == ctx.round else 0
-        if cursor >= len(plan):
-            return Payload()  # round done: empty reply
-        chunk = plan[cursor:cursor + self.options.batches_per_message]
-        seeding.enter(ctx.seed, "message", cursor)  # fresh channel noise per message
+    def forward_chunk(self, ctx: UserContext, encoder, plan, start: int, stop: int) -> list[torch.Tensor]:
+        """The noisy features of mini-batches plan[start:stop]; the channel noise is seeded by the
+        chunk's position, so the gradients message can recompute exactly the same graphs."""
+        seeding.enter(ctx.seed, "message", start)
         encoder.train()
         snr = split_snr(self.cfg, ctx)
-        pending = [transmit(encoder(ctx.x[idx]), self.channel, snr) for idx in chunk]
-        state["pending"] = pending  # forward graphs, kept until the gradients come back
-        state["cursor"], state["cursor_round"] = cursor + len(chunk), ctx.round
-        return Payload({"features": torch.cat([f.detach() for f in pending]).float(),
-                        "labels": torch.cat([ctx.y[idx] for idx in chunk]).long()}, codec="dense")
+        return [transmit(encoder(ctx.x[idx]), self.channel, snr) for idx in plan[start:stop]]
 
-    def apply_gradients(self, ctx: UserContext, encoder: torch.nn.Module, gradients: torch.Tensor) -> None:
-        pending = ctx.state.pop("pending")
+    def user_step(self, ctx: UserContext, payload: Payload) -> Payload:
+        """Apply the gradients of the previous message (if any), then send the next features (if any).
+
+        Between messages the user keeps only its weights and its position in the round's batch plan,
+        not autograd graphs: the gradients message recomputes the chunk's forward pass from the same
+        weights (BatchNorm statistics included) and noise seed. That costs one extra forward pass
+        per chunk and lets a user's node serve each message in a fresh process (Flower deployment)."""
+        state = ctx.state
+        plan = self.round_batches(ctx)
+        cursor = state.get("cursor", 0) if state.get("cursor_round") == ctx.round else 0
+        if "gradients" in payload.tensors:
+            start = state["chunk_start"]
+            encoder = self.working_encoder(ctx.user, self.encoder_state(state, ctx.user))
+            self.apply_gradients(ctx, encoder, self.forward_chunk(ctx, encoder, plan, start, cursor),
+                                 payload.tensors["gradients"])
+        if cursor >= len(plan):
+            return Payload()  # round done: empty reply
+        encoder = self.working_encoder(ctx.user, self.encoder_state(state, ctx.user))
+        stop = cursor + self.options.batches_per_message
+        with torch.no_grad():
+            features = self.forward_chunk(ctx, encoder, plan, cursor, stop)
+        state["chunk_start"], state["cursor"], state["cursor_round"] = cursor, min(stop, len(plan)), ctx.round
+        return Payload({"features": torch.cat(features).float(),
+                        "labels": torch.cat([ctx.y[idx] for idx in plan[cursor:stop]]).long()}, codec="dense")
+
+    def apply_gradients(self, ctx: UserContext, encoder: torch.nn.Module, pending: list[torch.Tensor],
+                        gradients: torch.Tensor) -> None:
         params = list(encoder.parameters())
         grads = gradients.to(ctx.device).split([len(f) for f in pending])
         # all B parameter gradients at the message's theta first (the graphs hold theta), then B steps
@@ -226,11 +232,15 @@ class FedCL(Method):
         return first if first is not None else float(scg_loss(local_centroids, present, self.centroids))
 
     # ---------------------------------------------------------------- evaluation and state
+    def user_encoder(self, user: int) -> dict[str, torch.Tensor]:
+        """A user's current encoder weights, fetched from the user (the initial ones before it trains)."""
+        return self.encoder_state(dict(self.transport.fetch_state(user, ["encoder"])), user)
+
     def evaluate(self, round_: int) -> list[dict[str, Any]]:
         load_float_state(self.head, self.global_head)
         rows = []
         for user in range(self.cfg.users):
-            encoder = self.working_encoder(user)
+            encoder = self.working_encoder(user, self.user_encoder(user))
             r = evaluate_split(encoder, self.head, self.channel, *user_test_set(self.run, user),
                                eval_snr(self.cfg), self.cfg.eval.batch_size)
             rows.append({"scope": "user", "user": user, "encoder": self.encoder_of[user], **r})
@@ -245,7 +255,6 @@ class FedCL(Method):
         self.scg.load_state_dict(state["scg"])
         self.scg_opt.load_state_dict(state["scg_opt"])
         self.centroids = self.generate().detach()
-        self._holder.clear()
 
     def finish(self, out_dir) -> dict[str, Any]:
         head = build_head(self.run)
@@ -253,6 +262,6 @@ class FedCL(Method):
         pairs = []
         for user in range(self.cfg.users):
             encoder = build_encoder(self.run, self.encoder_of[user])
-            load_float_state(encoder, self.encoder_state(user))
+            load_float_state(encoder, self.user_encoder(user))
             pairs.append((encoder, head))
         return finish_split(self.run, "FedCL", pairs, self.channel, out_dir)

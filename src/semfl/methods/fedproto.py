@@ -76,9 +76,9 @@ class FedProto(Method):
     def handlers(self):
         return {"train": self.user_train}
 
-    def user_models(self, user: int) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """The working encoder of the user's preset and the working head, loaded with the user's weights."""
-        state = self.transport.states[user]
+    def user_models(self, state: dict, user: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The working encoder of the user's preset and the working head, loaded with the user's
+        weights from its `state` (initialised deterministically per user on first use)."""
         preset = self.encoder_of[user]
         if "encoder" not in state:
             with torch.random.fork_rng(devices=[]):
@@ -92,7 +92,7 @@ class FedProto(Method):
         return self._encoders[preset], self.head
 
     def user_train(self, ctx: UserContext, payload: Payload) -> Payload:
-        encoder, head = self.user_models(ctx.user)
+        encoder, head = self.user_models(ctx.state, ctx.user)
         protos = payload.tensors.get("prototypes")
         present = payload.tensors.get("present")
         loss, sums, counts, opt_state = local_train_split(
@@ -127,13 +127,17 @@ class FedProto(Method):
         if self.prototypes is not None:  # classes no user holds are moved far away: never the nearest
             protos = self.prototypes.masked_fill(~self.present.to(self.prototypes.device)[:, None], 1e6)
         for user in range(self.cfg.users):
-            encoder, head = self.user_models(user)
+            encoder, head = self.user_models(self.fetched_state(user), user)
             r = evaluate_split(encoder, head, self.channel, *user_test_set(self.run, user), eval_snr(self.cfg),
                                self.cfg.eval.batch_size, protos)
             rows.append({"scope": "user", "user": user, "encoder": self.encoder_of[user], **r})
         keys = [k for k in ("loss", "accuracy", "proto_accuracy") if k in rows[0]]
         mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
         return [{"scope": "global", **mean, "eval_snr_db": eval_snr(self.cfg)}] + rows
+
+    def fetched_state(self, user: int) -> dict:
+        """A copy of the user's encoder and head weights, fetched from the user for evaluation."""
+        return dict(self.transport.fetch_state(user, ["encoder", "head"]))
 
     def state_dict(self) -> dict[str, Any]:
         return {"prototypes": self.prototypes, "present": self.present}
@@ -145,8 +149,9 @@ class FedProto(Method):
         pairs = []
         for user in range(self.cfg.users):
             encoder, head = build_encoder(self.run, self.encoder_of[user]), build_head(self.run)
-            self.user_models(user)
-            load_float_state(encoder, self.transport.states[user]["encoder"])
-            load_float_state(head, self.transport.states[user]["head"])
+            state = self.fetched_state(user)
+            self.user_models(state, user)
+            load_float_state(encoder, state["encoder"])
+            load_float_state(head, state["head"])
             pairs.append((encoder, head))
         return finish_split(self.run, "FedProto", pairs, self.channel, out_dir)

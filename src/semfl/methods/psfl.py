@@ -168,19 +168,19 @@ class PSFL(Method):
                 meta[f"{role}_psnr_db"] = result["psnr_db"]
         trained = weights_of(self.student)
         update = {k: trained[k] - payload.tensors[k] for k in payload.tensors}
-        return self._upload(ctx, update, masks, meta)
+        return self._upload(ctx, update, masks, meta, payload.meta)
 
-    def _upload(self, ctx: UserContext, update, masks, meta) -> Payload:
+    def _upload(self, ctx: UserContext, update, masks, meta, request_meta) -> Payload:
         o = self.options
         if o.dp:
             dp = DPConfig(enabled=True, clip_norm=o.dp_clip_norm, noise_multiplier=o.dp_noise_multiplier, delta=o.dp_delta)
             update, norm = privatize(update, dp, len(self.run.parts), ctx.generator("dp"))
             update = pruning.apply(update, masks)  # the mask is public: noise off the support carries nothing
             meta["update_norm"] = norm
-        if o.secure_aggregation:
-            weight = ctx.num_samples / sum(self.run.user_sizes[u] for u in self._participants)
-            scaled = {k: v * weight for k, v in update.items()}
-            masked = mask_update(scaled, ctx.user, self._participants, seeding.derive_seed(self.cfg.seed, ctx.round, "secagg"),
+        if o.secure_aggregation:  # the request names the round's participants and their data total
+            participants = [int(u) for u in request_meta["participants"]]
+            scaled = {k: v * (ctx.num_samples / request_meta["participant_samples"]) for k, v in update.items()}
+            masked = mask_update(scaled, ctx.user, participants, seeding.derive_seed(self.cfg.seed, ctx.round, "secagg"),
                                  o.secagg_frac_bits)
             return Payload(masked, codec="dense", meta=meta)  # a MaskedUpdate: a dict that knows its round  # int64 ring elements: 64 bits each
         return Payload(update, codec="sparse", meta=meta)
@@ -210,10 +210,11 @@ class PSFL(Method):
 
     def run_round(self, round_: int, users: list[int]) -> dict[str, Any]:
         info = self._prune(round_)
-        self._participants = list(users)
         due = round_ % self.cfg.eval.every == 0 or round_ == self.cfg.rounds
-        request = Payload(self.global_weights, codec="sparse" if self.options.agp else "dense",
-                          meta={"pruned": bool(self.options.agp), "evaluate": due})
+        meta = {"pruned": bool(self.options.agp), "evaluate": due}
+        if self.options.secure_aggregation:
+            meta.update(participants=list(users), participant_samples=sum(self.run.user_sizes[u] for u in users))
+        request = Payload(self.global_weights, codec="sparse" if self.options.agp else "dense", meta=meta)
         average = RunningAverage()
         masked_updates = []
         self.user_rows = {}
@@ -264,7 +265,7 @@ class PSFL(Method):
         # one mentor per architecture, from the first user that holds it (the paper's Figs 4-7)
         for arch in dict.fromkeys(self.mentor_of):
             user = self.mentor_of.index(arch)
-            state = self.transport.states[user].get("mentor")
+            state = self.transport.fetch_state(user, ["mentor"]).get("mentor")
             if state is not None:
                 mentor = build_semantic_model(self.run, arch)
                 load_weights(mentor, state)

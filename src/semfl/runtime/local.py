@@ -236,6 +236,13 @@ class LocalTransport:
             self._uplink(user, reply, replies, on_reply)
         return replies
 
+    def fetch_state(self, user: int, keys: Iterable[str]) -> dict[str, Any]:
+        """The entries `keys` of a user's persistent state that exist (for evaluation and final
+        figures: instrumentation, not protocol, so not charged to the link). Over Flower this is a
+        query to the user's node; methods treat the result as read-only."""
+        state = self.states[user]
+        return {k: state[k] for k in keys if k in state}
+
     def state_dict(self) -> dict:
         return {"states": self.states.to_dict()}
 

@@ -54,7 +54,9 @@ def prepare_data(cfg: Config):
 
 
 def build_context(cfg: Config, out_dir: Path | None, log: Callable[[str], None] = print,
-                  progress: RunProgress | None = None):
+                  progress: RunProgress | None = None, with_user_data: bool = True):
+    """The run context and, with `with_user_data`, every user's (x, y) on the device (a Flower base
+    station holds no user data: it gets None)."""
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {cfg.device} requested but CUDA is not available")
@@ -74,9 +76,14 @@ def build_context(cfg: Config, out_dir: Path | None, log: Callable[[str], None] 
     run = RunContext(cfg=cfg, data=dataset, spec=dataset.spec, parts=parts, classifier=classifier, link=link,
                      device=device, test_x=dataset.test_x[test_idx].to(device), test_y=dataset.test_y[test_idx].to(device),
                      out_dir=out_dir, log=log)
-    user_data = [(dataset.train_x[torch.from_numpy(p)].to(device), dataset.train_y[torch.from_numpy(p)].to(device))
-                 for p in parts]
+    user_data = [user_slice(run, k) for k in range(cfg.users)] if with_user_data else None
     return run, user_data
+
+
+def user_slice(run: RunContext, user: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One user's local images and labels, on the run device."""
+    index = torch.from_numpy(run.parts[user])
+    return run.data.train_x[index].to(run.device), run.data.train_y[index].to(run.device)
 
 
 def write_partition(run: RunContext, out_dir: Path) -> None:
@@ -94,10 +101,20 @@ def participants(cfg: Config, round_: int) -> list[int]:
     return sorted(int(u) for u in chosen)
 
 
+def local_transport(cfg: Config, run: RunContext, user_data, out_dir: Path) -> LocalTransport:
+    return LocalTransport(run.link, user_data, cfg.seed, run.device, handlers={},
+                          state_memory_mb=cfg.engine.state_memory_mb, spill_dir=out_dir)
+
+
 class Runner:
+    """Runs a config into a run directory. `transport` builds the transport from (cfg, run context,
+    user data, out dir); the default is the in-process local transport. A transport that does not
+    need the users' data here (Flower's) sets `needs_user_data = False` on the factory."""
+
     def __init__(self, cfg: Config, out_dir: Path, resume: bool = False, show_progress: bool = True,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, transport: Callable | None = None):
         self.cfg = cfg
+        self.make_transport = transport or local_transport
         self.out = Path(out_dir)
         self.resume = resume
         self.progress = RunProgress(cfg, enabled=show_progress)
@@ -121,12 +138,12 @@ class Runner:
         atomic_text(self.out / "config.toml", dump_config(self.cfg))
         with self.progress:
             seeding.enter(self.cfg.seed, "setup")
-            run, user_data = build_context(self.cfg, self.out, self.log, self.progress)
+            run, user_data = build_context(self.cfg, self.out, self.log, self.progress,
+                                           with_user_data=getattr(self.make_transport, "needs_user_data", True))
             write_partition(run, self.out)
             method_cls = get_method(self.cfg.method)
+            transport = self.make_transport(self.cfg, run, user_data, self.out)
             seeding.enter(self.cfg.seed, "init")
-            transport = LocalTransport(run.link, user_data, self.cfg.seed, run.device, handlers={},
-                                       state_memory_mb=self.cfg.engine.state_memory_mb, spill_dir=self.out)
             method = method_cls(run, transport)
             transport.handlers = method.handlers()
             transport.on_user_done = self.progress.user_done
@@ -144,6 +161,8 @@ class Runner:
                 self.progress.start_round(round_, len(users))
                 seeding.enter(self.cfg.seed, round_, "server")
                 info = method.run_round(round_, users)
+                if hasattr(transport, "round_info"):
+                    info.update(transport.round_info(round_))
                 wall += time.perf_counter() - tic
                 link_rows = run.link.drain(round_)
                 totals = round_totals(link_rows, self.cfg.link.eta)

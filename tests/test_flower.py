@@ -1,0 +1,239 @@
+"""The Flower transport in-process (LoopbackGrid: real ClientApp/ServerApp code and Flower messages
+through protobuf, no Ray, no servers): wire format, equivalence with the local transport for every
+method, node failures, resume, and the node's state store."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from semfl.codecs import Payload  # noqa: E402
+from semfl.config import load_config  # noqa: E402
+from semfl.methods import available_methods  # noqa: E402
+from semfl.privacy import MaskedUpdate  # noqa: E402
+from semfl.runtime.checkpoint import read_jsonl  # noqa: E402
+from semfl.runtime.flower_loopback import LoopbackGrid  # noqa: E402
+from semfl.runtime.flower_node import UserStateStore, make_client_app  # noqa: E402
+from semfl.runtime.flower_server import FlowerTransport, flower_transport, resolve_run_config  # noqa: E402
+from semfl.runtime.run import Runner  # noqa: E402
+from semfl.runtime.wire import kind_of, message_type, payload_to_record, record_to_payload  # noqa: E402
+
+CLIENT_APP = make_client_app()
+VOLATILE = ("wall_s", "missing_users")
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("classifier-cache")
+
+
+@pytest.fixture
+def flower_overrides(tiny_overrides, shared_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("SEMFL_NODE_STATE_DIR", str(tmp_path / "nodes"))
+    return [o for o in tiny_overrides if not o.startswith("classifier.cache_dir")] + [
+        f"classifier.cache_dir={shared_cache}", "rounds=2"]
+
+
+def stable(rows):
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+
+
+def run_local(overrides, out):
+    Runner(load_config(None, overrides), out, show_progress=False, log=lambda m: None).execute()
+    return read_jsonl(out / "metrics.jsonl")
+
+
+def run_flower(overrides, out, grid=None, resume=False):
+    cfg = load_config(None, overrides)
+    grid = grid or LoopbackGrid(CLIENT_APP, [{"user": k} for k in range(cfg.users)])
+    Runner(cfg, out, resume=resume, show_progress=False, log=lambda m: None,
+           transport=flower_transport(grid, log=lambda m: None)).execute()
+    return read_jsonl(out / "metrics.jsonl")
+
+
+def assert_same_metrics(a, b, rel=1e-6):
+    assert len(a) == len(b)
+    for x, y in zip(stable(a), stable(b)):
+        assert x.keys() == y.keys()
+        for key in x:
+            if isinstance(x[key], float):
+                assert y[key] == pytest.approx(x[key], rel=rel, abs=1e-9), (x.get("scope"), x.get("round"), key)
+            else:
+                assert x[key] == y[key], (x.get("scope"), x.get("round"), key)
+
+
+# ---------------------------------------------------------------- wire format
+def test_payload_round_trip_is_lossless_and_keeps_bits():
+    tensors = {"w": torch.randn(4, 3), "idx": torch.tensor([1, 5], dtype=torch.int64),
+               "codes": torch.tensor([-1, 0, 1], dtype=torch.int8), "mask": torch.tensor([True, False])}
+    payload = Payload(tensors, codec="sparse", meta={"num_samples": 17, "loss": 0.123456789, "pruned": True,
+                                                      "participants": [0, 2]}, codecs={"codes": "ternary"})
+    back, header = record_to_payload(payload_to_record(payload, {"user": 2, "round": 3}))
+    assert header == {"user": 2, "round": 3}
+    assert back.codec == "sparse" and back.codecs == {"codes": "ternary"} and back.meta == payload.meta
+    for k, v in tensors.items():
+        assert back.tensors[k].dtype == v.dtype and torch.equal(back.tensors[k], v)
+    assert back.bits() == payload.bits()
+
+
+def test_masked_update_keeps_its_sender():
+    masked = MaskedUpdate({"w": torch.tensor([3, -4], dtype=torch.int64)}, 1, (0, 1, 2), 99, 24)
+    back, _ = record_to_payload(payload_to_record(Payload(masked), {}))
+    assert isinstance(back.tensors, MaskedUpdate)
+    assert (back.tensors.user, back.tensors.participants, back.tensors.round_seed, back.tensors.frac_bits) == (1, (0, 1, 2), 99, 24)
+
+
+def test_metadata_must_be_plain():
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        payload_to_record(Payload(meta={"x": object()}), {})
+
+
+def test_message_types():
+    assert message_type("train") == "train" and message_type("step") == "query.step"
+    assert kind_of("query.step") == "step" and kind_of("evaluate") == "evaluate"
+    with pytest.raises(ValueError, match="identifier"):
+        message_type("train:batched")
+
+
+def test_client_app_serves_every_methods_kinds():
+    from semfl.methods import get_method
+
+    registered = set(CLIENT_APP._registered_funcs)
+    for name in available_methods():
+        for kind in get_method(name).user_kinds:
+            full = message_type(kind) if "." in message_type(kind) else f"{kind}.default"
+            assert full in registered, (name, kind)
+
+
+# ---------------------------------------------------------------- equivalence
+@pytest.mark.parametrize("method", sorted(available_methods()))
+def test_flower_adapter_matches_local_transport(method, flower_overrides, tmp_path):
+    overrides = flower_overrides + [f"method={method}"]
+    local = run_local(overrides, tmp_path / "local")
+    flower = run_flower(overrides, tmp_path / "flower")
+    assert_same_metrics(local, flower)  # link rows included: per user and round, bits compared exactly
+    bits = lambda rows: [(r["round"], r["user"], r["uplink_bits"], r["downlink_bits"]) for r in rows if r["scope"] == "link"]  # noqa: E731
+    assert bits(local) == bits(flower) and all(up > 0 for _, _, up, _ in bits(flower))
+
+
+def test_psfl_with_secure_aggregation_and_dp_matches(flower_overrides, tmp_path):
+    overrides = flower_overrides + ["method=psfl", "psfl.secure_aggregation=true", "psfl.dp=true"]
+    assert_same_metrics(run_local(overrides, tmp_path / "local"), run_flower(overrides, tmp_path / "flower"))
+
+
+# ---------------------------------------------------------------- faults and resume
+def test_dead_node_is_logged_and_training_goes_on(flower_overrides, tmp_path):
+    overrides = flower_overrides + ["method=fedavg", "rounds=3"]
+    cfg = load_config(None, overrides)
+    grid = LoopbackGrid(CLIENT_APP, [{"user": k} for k in range(cfg.users)])
+    original = FlowerTransport.send
+
+    def send(self, users, kind, payload, on_reply=None):
+        if self.round == 2:
+            grid.kill(self.node_of[1])  # user 1's node dies before round 2
+        return original(self, users, kind, payload, on_reply)
+
+    FlowerTransport.send = send
+    try:
+        rows = run_flower(overrides, tmp_path / "run", grid=grid)
+    finally:
+        FlowerTransport.send = original
+    glob = {r["round"]: r for r in rows if r["scope"] == "global"}
+    assert glob[1]["missing_users"] == [] and glob[2]["missing_users"] == [1] and glob[3]["missing_users"] == [1]
+    assert glob[3]["accuracy"] is not None
+    uplinks = {(r["round"], r["user"]) for r in rows if r["scope"] == "link" and r["uplink_bits"] > 0}
+    assert (1, 1) in uplinks and (2, 1) not in uplinks and (2, 0) in uplinks
+
+
+def test_no_node_answering_stops_the_run(flower_overrides, tmp_path):
+    from semfl.runtime.flower_server import NoReplies
+
+    overrides = flower_overrides + ["method=fedavg"]
+    cfg = load_config(None, overrides)
+    grid = LoopbackGrid(CLIENT_APP, [{"user": k} for k in range(cfg.users)])
+    original = FlowerTransport.send
+
+    def send(self, users, kind, payload, on_reply=None):
+        for node in self.node_of.values():
+            grid.kill(node)
+        return original(self, users, kind, payload, on_reply)
+
+    FlowerTransport.send = send
+    try:
+        with pytest.raises(NoReplies, match="no user answered"):
+            run_flower(overrides, tmp_path / "run", grid=grid)
+    finally:
+        FlowerTransport.send = original
+
+
+def test_missing_node_at_start_is_named(flower_overrides, tmp_path):
+    overrides = flower_overrides + ["method=fedavg", "engine.connect_timeout_s=0.5"]
+    grid = LoopbackGrid(CLIENT_APP, [{"user": 0}, {"user": 2}])
+    with pytest.raises(RuntimeError, match=r"no node for users \[1\]"):
+        run_flower(overrides, tmp_path / "run", grid=grid)
+
+
+def test_resume_after_base_station_crash_matches(flower_overrides, tmp_path):
+    """The base station dies in round 2 after some users trained; the resumed run redoes round 2
+    from the users' round-1 state on their nodes and gives the uninterrupted run's metrics."""
+    overrides = flower_overrides + ["method=psfl", "rounds=3"]
+    reference = run_flower(overrides, tmp_path / "full")
+    original = FlowerTransport.send
+
+    def crash(self, users, kind, payload, on_reply=None):
+        if self.round == 2:
+            original(self, users, kind, payload, None)  # users train and save round-2 state ...
+            raise KeyboardInterrupt  # ... and the base station dies before aggregating
+        return original(self, users, kind, payload, on_reply)
+
+    FlowerTransport.send = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_flower(overrides, tmp_path / "crashed")
+    finally:
+        FlowerTransport.send = original
+    resumed = run_flower(overrides, tmp_path / "crashed", resume=True)
+    assert_same_metrics(reference, resumed)
+
+
+def test_node_rejects_a_message_for_another_user(flower_overrides, tmp_path):
+    cfg = load_config(None, flower_overrides + ["method=fedavg"])
+    grid = LoopbackGrid(CLIENT_APP, [{"user": k} for k in range(cfg.users)])
+    from semfl.link import Link
+
+    transport = FlowerTransport(grid, cfg, Link(cfg.link, cfg.users, cfg.seed), tmp_path, log=lambda m: None)
+    transport.node_of[0], transport.node_of[1] = transport.node_of[1], transport.node_of[0]
+    logged = []
+    transport.log = logged.append
+    with pytest.raises(RuntimeError, match="no user answered"):
+        transport.send([0], "train", Payload())
+    assert any("reached the node of user" in m for m in logged)
+
+
+# ---------------------------------------------------------------- node state
+def test_state_store_restarts_a_round_from_the_previous_one(tmp_path):
+    store = UserStateStore(tmp_path / "u0")
+    assert store.load(1, 0) == {}
+    store.save(1, {"v": 1})
+    store.save(2, {"v": 2})  # an attempt at round 2 ...
+    assert store.load(2, 0) == {"v": 1}  # ... redone from round 1's state: round 2's file is dropped
+    store.save(2, {"v": 20})
+    assert store.load(2, 1) == {"v": 20}  # a later message of the same round continues it
+    store.save(3, {"v": 3})
+    store.save(4, {"v": 4})
+    assert sorted(p.name for p in (tmp_path / "u0").iterdir()) == ["round-3.pt", "round-4.pt"]
+    assert store.latest(3) == {"v": 3}
+
+
+def test_run_config_resolution(tmp_path):
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text('method = "psfl"\nusers = 4\n')
+    cfg, out, resume = resolve_run_config({"config": str(cfg_path), "set": "rounds=2; seed=3", "out": str(tmp_path / "o")})
+    assert (cfg.method, cfg.users, cfg.rounds, cfg.seed, out, resume) == ("psfl", 4, 2, 3, (tmp_path / "o").resolve(), False)
+    cfg, _, _ = resolve_run_config({"config-toml": 'method = "stc"\n', "resume": True})
+    assert cfg.method == "stc"
+    from semfl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="config"):
+        resolve_run_config({})
