@@ -169,5 +169,14 @@ def _register_bench(sub) -> None:
 _EXTRA_COMMANDS.append(_register_bench)
 
 
+def _register_deploy(sub) -> None:
+    from semfl import deploy
+
+    deploy.register(sub)
+
+
+_EXTRA_COMMANDS.append(_register_deploy)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,102 @@
+"""A real Flower deployment on 127.0.0.1: SuperLink + 2 SuperNodes as processes (semfl deploy local),
+2 rounds of PSFL, metrics and bits identical to the local transport; no process left behind."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from semfl.config import load_config  # noqa: E402
+from semfl.deploy import LocalDeployment, make_node_key  # noqa: E402
+from semfl.runtime.checkpoint import read_jsonl  # noqa: E402
+from semfl.runtime.run import Runner  # noqa: E402
+from test_flower import assert_same_metrics  # noqa: E402
+
+
+def flower_processes(work) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if (str(work) in line and "flower-super" in line)
+            or any(app in line for app in ("flwr-serverapp", "flwr-clientapp"))]
+
+
+@pytest.fixture
+def psfl_overrides(tiny_overrides):
+    return tiny_overrides + ["method=psfl", "users=2", "rounds=2"]
+
+
+def test_real_loopback_deployment_matches_local_transport(psfl_overrides, tmp_path):
+    cfg = load_config(None, psfl_overrides)
+    Runner(cfg, tmp_path / "local", show_progress=False, log=lambda m: None).execute()
+    deployment = LocalDeployment(cfg, tmp_path / "deployed", timeout_s=480, log=lambda m: None)
+    deployment.execute()
+    local, deployed = read_jsonl(tmp_path / "local" / "metrics.jsonl"), read_jsonl(tmp_path / "deployed" / "metrics.jsonl")
+    assert_same_metrics(local, deployed)
+    assert (tmp_path / "deployed" / "report.html").is_file()
+    assert sorted(p.name for p in (tmp_path / "deployed" / "deploy" / "logs").iterdir()) == [
+        "superlink.log", "supernode-0.log", "supernode-1.log"]
+    assert not flower_processes(tmp_path / "deployed")
+
+
+def test_deployment_stops_everything_when_interrupted(psfl_overrides, tmp_path):
+    """Ctrl-C while waiting for the run: every SuperLink/SuperNode process is stopped."""
+    cfg = load_config(None, psfl_overrides + ["rounds=50"])
+    deployment = LocalDeployment(cfg, tmp_path / "run", timeout_s=300, log=lambda m: None)
+    main_thread = threading.main_thread().ident
+    started = threading.Event()
+    original = deployment.wait
+
+    def wait(run_id):
+        started.set()
+        return original(run_id)
+
+    deployment.wait = wait
+
+    def interrupt():
+        started.wait(120)
+        time.sleep(3)
+        signal.pthread_kill(main_thread, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        deployment.execute()
+    assert started.is_set() and not deployment.processes
+    time.sleep(1)
+    assert not flower_processes(tmp_path / "run")
+
+
+def test_existing_run_needs_resume(psfl_overrides, tmp_path):
+    from semfl.deploy import DeployError
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(DeployError, match="--resume"):
+        LocalDeployment(load_config(None, psfl_overrides), tmp_path / "run").execute()
+
+
+def test_node_keys_are_openssh_p384(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    private, public = make_node_key(tmp_path, 3)
+    key = load_ssh_private_key(private.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert load_ssh_public_key(public.read_bytes()).public_numbers() == key.public_key().public_numbers()
+    assert oct(os.stat(private).st_mode & 0o777) == "0o600"
+
+
+def test_certificate_script_signs_a_server_certificate(tmp_path):
+    from semfl.deploy import make_certificates
+
+    folder = make_certificates(tmp_path / "certs")
+    check = subprocess.run(["openssl", "verify", "-CAfile", str(folder / "ca.crt"), str(folder / "server.pem")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    san = subprocess.run(["openssl", "x509", "-in", str(folder / "server.pem"), "-noout", "-ext", "subjectAltName"],
+                         capture_output=True, text=True).stdout
+    assert "127.0.0.1" in san and "localhost" in san
