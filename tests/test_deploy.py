@@ -21,8 +21,8 @@ from test_flower import assert_same_metrics  # noqa: E402
 
 def flower_processes(work) -> list[str]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if (str(work) in line and "flower-super" in line)
-            or any(app in line for app in ("flwr-serverapp", "flwr-clientapp"))]
+    return [line for line in out.splitlines() if "<defunct>" not in line and (
+        (str(work) in line and "flower-super" in line) or any(app in line for app in ("flwr-serverapp", "flwr-clientapp")))]
 
 
 @pytest.fixture

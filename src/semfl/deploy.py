@@ -109,14 +109,22 @@ class LocalDeployment:
         return process
 
     def stop_all(self) -> None:
+        # Flower starts ServerApp/ClientApp processes detached (their own sessions): find them first
+        detached = [pid for pid in _descendants([p.pid for _, p in self.processes]) if _pgid(pid) not in
+                    {p.pid for _, p in self.processes}]
         for _, process in reversed(self.processes):
             if process.poll() is None:
                 try:
                     os.killpg(process.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+        for pid in detached:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         deadline = time.monotonic() + 15
-        groups = [process.pid for _, process in self.processes]
+        groups = [process.pid for _, process in self.processes] + [-pid for pid in detached]
         while groups and time.monotonic() < deadline:  # the groups include ServerApp/ClientApp children
             for _, process in self.processes:
                 process.poll()  # reap
@@ -124,7 +132,7 @@ class LocalDeployment:
             time.sleep(0.2)
         for group in groups:
             try:
-                os.killpg(group, signal.SIGKILL)
+                os.kill(-group, signal.SIGKILL) if group < 0 else os.killpg(group, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         for _, process in self.processes:
@@ -268,9 +276,34 @@ def register(sub) -> None:
     local.set_defaults(func=cmd_deploy_local)
 
 
-def _group_alive(group: int) -> bool:
+def _descendants(roots: list[int]) -> list[int]:
+    """Every living descendant of the processes `roots` (from `ps`, as no psutil is assumed)."""
+    table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split()
+    children: dict[int, list[int]] = {}
+    for pid, ppid in zip(table[::2], table[1::2]):
+        children.setdefault(int(ppid), []).append(int(pid))
+    found, stack = [], list(roots)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _pgid(pid: int) -> int:
     try:
-        os.killpg(group, 0)
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return -1
+
+
+def _group_alive(group: int) -> bool:
+    """A process group (group > 0) or a single process (-pid) still exists."""
+    try:
+        if group < 0:
+            os.kill(-group, 0)
+        else:
+            os.killpg(group, 0)
         return True
     except ProcessLookupError:
         return False
