@@ -100,3 +100,30 @@ def test_certificate_script_signs_a_server_certificate(tmp_path):
     san = subprocess.run(["openssl", "x509", "-in", str(folder / "server.pem"), "-noout", "-ext", "subjectAltName"],
                          capture_output=True, text=True).stdout
     assert "127.0.0.1" in san and "localhost" in san
+
+
+@pytest.mark.slow
+def test_real_node_death_mid_run_is_survived(psfl_overrides, tmp_path):
+    """Kill user 1's SuperNode (its whole process group) after round 1: rounds 2-3 finish with user 0,
+    user 1 is listed in missing_users, and the run completes."""
+    from semfl.runtime.checkpoint import read_jsonl as rows_of
+
+    cfg = load_config(None, psfl_overrides + ["rounds=3", "engine.reply_timeout_s=45"])
+    out = tmp_path / "run"
+    deployment = LocalDeployment(cfg, out, timeout_s=900, log=lambda m: None)
+
+    def killer():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            path = out / "metrics.jsonl"
+            if path.exists() and any(r.get("scope") == "global" and r["round"] == 1 for r in rows_of(path)):
+                node = dict(deployment.processes)["supernode-1"]
+                os.killpg(node.pid, signal.SIGKILL)
+                return
+            time.sleep(0.5)
+
+    threading.Thread(target=killer, daemon=True).start()
+    deployment.execute()
+    glob = {r["round"]: r for r in rows_of(out / "metrics.jsonl") if r["scope"] == "global"}
+    assert glob[1]["missing_users"] == [] and glob[3]["missing_users"] == [1]
+    assert set(glob) == {0, 1, 2, 3}
