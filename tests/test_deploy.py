@@ -45,8 +45,10 @@ def test_real_loopback_deployment_matches_local_transport(psfl_overrides, tmp_pa
 
 def test_deployment_stops_everything_when_interrupted(psfl_overrides, tmp_path):
     """Ctrl-C while waiting for the run: every SuperLink/SuperNode process is stopped."""
+    # a shell's background job starts with SIGINT ignored; Ctrl-C in a terminal uses Python's handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     cfg = load_config(None, psfl_overrides + ["rounds=50"])
-    deployment = LocalDeployment(cfg, tmp_path / "run", timeout_s=300, log=lambda m: None)
+    deployment = LocalDeployment(cfg, tmp_path / "run", timeout_s=150, log=lambda m: None)
     main_thread = threading.main_thread().ident
     started = threading.Event()
     original = deployment.wait
@@ -63,8 +65,11 @@ def test_deployment_stops_everything_when_interrupted(psfl_overrides, tmp_path):
         signal.pthread_kill(main_thread, signal.SIGINT)
 
     threading.Thread(target=interrupt, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        deployment.execute()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            deployment.execute()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert started.is_set() and not deployment.processes
     time.sleep(1)
     assert not flower_processes(tmp_path / "run")
