@@ -132,3 +132,4 @@ def test_real_node_death_mid_run_is_survived(psfl_overrides, tmp_path):
     glob = {r["round"]: r for r in rows_of(out / "metrics.jsonl") if r["scope"] == "global"}
     assert glob[1]["missing_users"] == [] and glob[3]["missing_users"] == [1]
     assert set(glob) == {0, 1, 2, 3}
+    assert "serverapp.log" in {p.name for p in (out / "deploy" / "logs").iterdir()}

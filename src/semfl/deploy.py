@@ -219,6 +219,14 @@ class LocalDeployment:
             time.sleep(2)
         raise DeployError(f"the run did not finish within {self.timeout_s:g} s")
 
+    def save_run_log(self, run_id: str) -> None:
+        """The ServerApp's log (its errors included), kept before the SuperLink that holds it stops."""
+        try:
+            result = self.flwr("log", run_id, "deploy", "--show", timeout=60)
+            (self.work / "logs" / "serverapp.log").write_text(result.stdout + result.stderr)
+        except subprocess.TimeoutExpired:
+            pass
+
     def execute(self) -> Path:
         if not self.resume and (self.out / "metrics.jsonl").exists():
             raise DeployError(f"--out: {self.out} already holds a run; pass --resume to continue it or choose another --out")
@@ -236,9 +244,10 @@ class LocalDeployment:
             run_id = self.submit()
             self.log(f"flower run {run_id} submitted; waiting for it to finish")
             status = self.wait(run_id)
+            self.save_run_log(run_id)
             if status != "finished:completed":
-                raise DeployError(f"run {run_id} ended as {status}; see {self.work / 'logs'} and the ServerApp's log "
-                                  f"(`FLWR_HOME={self.env['FLWR_HOME']} flwr log {run_id}`)")
+                raise DeployError(f"run {run_id} ended as {status}; see the ServerApp's log "
+                                  f"{self.work / 'logs' / 'serverapp.log'} and the others beside it")
         finally:
             self.stop_all()
         if not (self.out / "report.html").exists():

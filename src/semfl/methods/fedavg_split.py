@@ -76,4 +76,4 @@ class FedAvgSplit(Method):
     def finish(self, out_dir) -> dict[str, Any]:
         load_float_state(self.model, self.global_state)
         pair = (self.model["encoder"], self.model["head"])
-        return finish_split(self.run, "FedAvg", [pair] * self.cfg.users, self.channel, out_dir)
+        return finish_split(self.run, "FedAvg", {user: pair for user in range(self.cfg.users)}, self.channel, out_dir)

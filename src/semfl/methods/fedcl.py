@@ -193,7 +193,9 @@ class FedCL(Method):
         sizes = batch_sizes(self.run.user_sizes[user], self.cfg.train.batch_size, self.cfg.train.local_epochs)
         request, total, n = Payload(), 0.0, 0
         while True:
-            reply = self.transport.send([user], "step", request)[user]
+            reply = self.transport.send([user], "step", request).get(user)
+            if reply is None:  # the user dropped out (Flower): its partial head and centroids are discarded
+                return None
             if "features" not in reply.tensors:
                 return total / max(n, 1)
             labels = reply.tensors["labels"]
@@ -212,11 +214,15 @@ class FedCL(Method):
         user_rows = []
         for i, user in enumerate(users):
             loss = self.train_user(user, sums[i], counts[i])
+            if loss is None:
+                sums[i].zero_()
+                counts[i].zero_()
+                continue
             average.add(float_state(self.head), self.run.user_sizes[user])  # eq 5 weights D_k / D
             user_rows.append({"user": user, "train_loss": loss, "encoder": self.encoder_of[user]})
         self.global_head = average.result(self.global_head)
         scg_value = self.update_scg(sums / counts.clamp_min(1).unsqueeze(-1), counts > 0)
-        return {"user_rows": user_rows, "train_loss": sum(r["train_loss"] for r in user_rows) / len(user_rows),
+        return {"user_rows": user_rows, "train_loss": sum(r["train_loss"] for r in user_rows) / max(len(user_rows), 1),
                 "scg_loss": scg_value, "centroid_norm": float(self.centroids.norm(dim=1).mean())}
 
     def update_scg(self, local_centroids: torch.Tensor, present: torch.Tensor) -> float:
@@ -232,15 +238,20 @@ class FedCL(Method):
         return first if first is not None else float(scg_loss(local_centroids, present, self.centroids))
 
     # ---------------------------------------------------------------- evaluation and state
-    def user_encoder(self, user: int) -> dict[str, torch.Tensor]:
-        """A user's current encoder weights, fetched from the user (the initial ones before it trains)."""
-        return self.encoder_state(dict(self.transport.fetch_state(user, ["encoder"])), user)
+    def user_encoder(self, user: int) -> dict[str, torch.Tensor] | None:
+        """A user's current encoder weights, fetched from the user (the initial ones before it trains);
+        None when the user's node did not answer."""
+        state = self.transport.fetch_state(user, ["encoder"])
+        return None if state is None else self.encoder_state(dict(state), user)
 
     def evaluate(self, round_: int) -> list[dict[str, Any]]:
         load_float_state(self.head, self.global_head)
         rows = []
         for user in range(self.cfg.users):
-            encoder = self.working_encoder(user, self.user_encoder(user))
+            weights = self.user_encoder(user)
+            if weights is None:
+                continue
+            encoder = self.working_encoder(user, weights)
             r = evaluate_split(encoder, self.head, self.channel, *user_test_set(self.run, user),
                                eval_snr(self.cfg), self.cfg.eval.batch_size)
             rows.append({"scope": "user", "user": user, "encoder": self.encoder_of[user], **r})
@@ -259,9 +270,10 @@ class FedCL(Method):
     def finish(self, out_dir) -> dict[str, Any]:
         head = build_head(self.run)
         load_float_state(head, self.global_head)
-        pairs = []
+        pairs = {}
         for user in range(self.cfg.users):
-            encoder = build_encoder(self.run, self.encoder_of[user])
-            load_float_state(encoder, self.user_encoder(user))
-            pairs.append((encoder, head))
+            weights = self.user_encoder(user)
+            if weights is not None:
+                pairs[user] = (build_encoder(self.run, self.encoder_of[user]), head)
+                load_float_state(pairs[user][0], weights)
         return finish_split(self.run, "FedCL", pairs, self.channel, out_dir)

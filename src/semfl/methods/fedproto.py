@@ -127,7 +127,10 @@ class FedProto(Method):
         if self.prototypes is not None:  # classes no user holds are moved far away: never the nearest
             protos = self.prototypes.masked_fill(~self.present.to(self.prototypes.device)[:, None], 1e6)
         for user in range(self.cfg.users):
-            encoder, head = self.user_models(self.fetched_state(user), user)
+            state = self.fetched_state(user)
+            if state is None:
+                continue
+            encoder, head = self.user_models(state, user)
             r = evaluate_split(encoder, head, self.channel, *user_test_set(self.run, user), eval_snr(self.cfg),
                                self.cfg.eval.batch_size, protos)
             rows.append({"scope": "user", "user": user, "encoder": self.encoder_of[user], **r})
@@ -135,9 +138,11 @@ class FedProto(Method):
         mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
         return [{"scope": "global", **mean, "eval_snr_db": eval_snr(self.cfg)}] + rows
 
-    def fetched_state(self, user: int) -> dict:
-        """A copy of the user's encoder and head weights, fetched from the user for evaluation."""
-        return dict(self.transport.fetch_state(user, ["encoder", "head"]))
+    def fetched_state(self, user: int) -> dict | None:
+        """A copy of the user's encoder and head weights, fetched from the user for evaluation
+        (None when its node did not answer)."""
+        state = self.transport.fetch_state(user, ["encoder", "head"])
+        return None if state is None else dict(state)
 
     def state_dict(self) -> dict[str, Any]:
         return {"prototypes": self.prototypes, "present": self.present}
@@ -146,12 +151,14 @@ class FedProto(Method):
         self.prototypes, self.present = state["prototypes"], state["present"]
 
     def finish(self, out_dir) -> dict[str, Any]:
-        pairs = []
+        pairs = {}
         for user in range(self.cfg.users):
-            encoder, head = build_encoder(self.run, self.encoder_of[user]), build_head(self.run)
             state = self.fetched_state(user)
+            if state is None:
+                continue
+            encoder, head = build_encoder(self.run, self.encoder_of[user]), build_head(self.run)
             self.user_models(state, user)
             load_float_state(encoder, state["encoder"])
             load_float_state(head, state["head"])
-            pairs.append((encoder, head))
+            pairs[user] = (encoder, head)
         return finish_split(self.run, "FedProto", pairs, self.channel, out_dir)

@@ -265,7 +265,7 @@ class PSFL(Method):
         # one mentor per architecture, from the first user that holds it (the paper's Figs 4-7)
         for arch in dict.fromkeys(self.mentor_of):
             user = self.mentor_of.index(arch)
-            state = self.transport.fetch_state(user, ["mentor"]).get("mentor")
+            state = (self.transport.fetch_state(user, ["mentor"]) or {}).get("mentor")  # None: node gone
             if state is not None:
                 mentor = build_semantic_model(self.run, arch)
                 load_weights(mentor, state)

@@ -240,11 +240,12 @@ def feature_figure(features: torch.Tensor, labels: torch.Tensor, path: Path, tit
     return {"feature_embedding": how.split(" ")[0]}
 
 
-def finish_split(run, method_label: str, pairs: list[tuple[nn.Module, nn.Module]], channel: nn.Module,
+def finish_split(run, method_label: str, pairs: dict[int, tuple[nn.Module, nn.Module]], channel: nn.Module,
                  out_dir, prototypes: torch.Tensor | None = None) -> dict[str, Any]:
     """Artifacts of a split method: feature scatter at fedcl.feature_snr_db (Fig 4) and the test-SNR sweep.
 
-    ``pairs``: (encoder, head) per user, already loaded; each user is tested on its own test set.
+    ``pairs``: user -> (encoder, head), already loaded (users whose models could not be fetched are
+    left out); each user is tested on its own test set.
     """
     import json
 
@@ -259,7 +260,7 @@ def finish_split(run, method_label: str, pairs: list[tuple[nn.Module, nn.Module]
         # each user sends (its share of) its own test images through its encoder and the channel
         per_user = max(1, n // len(pairs))
         feats, labels = [], []
-        for user, (enc, _) in enumerate(pairs):
+        for user, (enc, _) in pairs.items():
             x, y = user_test_set(run, user)
             feats.append(noisy_features(enc, channel, x[:per_user], options.feature_snr_db))
             labels.append(y[:per_user].cpu())
@@ -271,7 +272,7 @@ def finish_split(run, method_label: str, pairs: list[tuple[nn.Module, nn.Module]
         acc = []
         for snr in snrs:
             rows = [evaluate_split(e, h, channel, *user_test_set(run, user), snr, run.cfg.eval.batch_size, prototypes)
-                    for user, (e, h) in enumerate(pairs)]
+                    for user, (e, h) in pairs.items()]
             acc.append(float(np.mean([r["accuracy"] for r in rows])))
         atomic_text(out_dir / "snr_sweep.json", json.dumps({"snr_db": snrs, "models": {method_label: {"accuracy": acc}}},
                                                            indent=1))

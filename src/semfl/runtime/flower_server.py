@@ -8,7 +8,7 @@ arrive in, so aggregation sums in the same order on both transports.
 
 Faults: with engine.reply_timeout_s > 0 a request waits that long; users that did not answer
 (their node died, or it failed) are logged, counted in the round's `missing_users`, and the round
-goes on with the others. If nobody answered, the run stops (resumable with --resume).
+goes on with the others. If nobody answered in a round, the run stops (Runner; resumable with --resume).
 """
 from __future__ import annotations
 
@@ -20,10 +20,6 @@ from semfl.codecs import Payload
 from semfl.config import Config, dump_config
 from semfl.runtime.flower_node import run_key
 from semfl.runtime.wire import FETCH_STATE, HELLO, message_type, payload_to_record, record_to_payload, unflatten_state
-
-
-class NoReplies(RuntimeError):
-    pass
 
 
 class FlowerTransport:
@@ -109,9 +105,6 @@ class FlowerTransport:
         if missing:
             self.missing.setdefault(self.round, []).extend(missing)
             self.log(f"flower: round {self.round}: no {kind!r} reply from users {missing}; going on without them")
-        if not replies:
-            raise NoReplies(f"flower: round {self.round}: no user answered {kind!r} "
-                            f"(engine.reply_timeout_s={self.cfg.engine.reply_timeout_s:g})")
         kept: dict[int, Payload] = {}
         for user in sorted(replies):  # user order, as on the local transport
             reply = replies[user]
@@ -124,12 +117,14 @@ class FlowerTransport:
                 on_reply(user, reply)
         return kept
 
-    def fetch_state(self, user: int, keys: Iterable[str]) -> dict[str, Any]:
-        """Entries of a user's state from its node (instrumentation: not charged to the link)."""
+    def fetch_state(self, user: int, keys: Iterable[str]) -> dict[str, Any] | None:
+        """Entries of a user's state from its node (instrumentation: not charged to the link);
+        None, logged, when the node does not answer (methods then leave that user out)."""
         header = {"user": user, "round": self.round, "keys": list(keys), "run_key": self.run_key}
         replies = self._exchange({user: (Payload(), header)}, FETCH_STATE)
         if user not in replies:
-            raise RuntimeError(f"flower: user {user}'s node did not return its state")
+            self.log(f"flower: user {user}'s node did not return its state; it is left out of this evaluation")
+            return None
         return unflatten_state(replies[user].tensors)
 
     def round_info(self, round_: int) -> dict[str, Any]:

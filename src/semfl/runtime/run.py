@@ -160,7 +160,14 @@ class Runner:
                 transport.round = round_
                 self.progress.start_round(round_, len(users))
                 seeding.enter(self.cfg.seed, round_, "server")
-                info = method.run_round(round_, users)
+                try:
+                    info = method.run_round(round_, users)
+                except Exception:
+                    missing = set(getattr(transport, "missing", {}).get(round_, []))
+                    if missing and missing >= set(users):
+                        raise RunError(f"round {round_}: no user answered (users {sorted(missing)} missing); "
+                                       "the run stopped here: continue it with --resume") from None
+                    raise
                 if hasattr(transport, "round_info"):
                     info.update(transport.round_info(round_))
                 wall += time.perf_counter() - tic
