@@ -109,11 +109,12 @@ def test_certificate_script_signs_a_server_certificate(tmp_path):
 
 @pytest.mark.slow
 def test_real_node_death_mid_run_is_survived(psfl_overrides, tmp_path):
-    """Kill user 1's SuperNode (its whole process group) after round 1: rounds 2-3 finish with user 0,
-    user 1 is listed in missing_users, and the run completes."""
+    """Kill user 1's SuperNode (its whole process group) after round 1: round 2 finishes with user 0,
+    user 1 is listed in missing_users, and the run completes. (A message costs a fresh process on a
+    SuperNode, seconds under load, hence the generous reply timeout.)"""
     from semfl.runtime.checkpoint import read_jsonl as rows_of
 
-    cfg = load_config(None, psfl_overrides + ["rounds=3", "engine.reply_timeout_s=45"])
+    cfg = load_config(None, psfl_overrides + ["rounds=2", "engine.reply_timeout_s=120"])
     out = tmp_path / "run"
     deployment = LocalDeployment(cfg, out, timeout_s=900, log=lambda m: None)
 
@@ -130,6 +131,6 @@ def test_real_node_death_mid_run_is_survived(psfl_overrides, tmp_path):
     threading.Thread(target=killer, daemon=True).start()
     deployment.execute()
     glob = {r["round"]: r for r in rows_of(out / "metrics.jsonl") if r["scope"] == "global"}
-    assert glob[1]["missing_users"] == [] and glob[3]["missing_users"] == [1]
-    assert set(glob) == {0, 1, 2, 3}
+    assert glob[1]["missing_users"] == [] and glob[2]["missing_users"] == [1]
+    assert set(glob) == {0, 1, 2}
     assert "serverapp.log" in {p.name for p in (out / "deploy" / "logs").iterdir()}
