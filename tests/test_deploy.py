@@ -39,7 +39,7 @@ def test_real_loopback_deployment_matches_local_transport(psfl_overrides, tmp_pa
     assert_same_metrics(local, deployed)
     assert (tmp_path / "deployed" / "report.html").is_file()
     assert sorted(p.name for p in (tmp_path / "deployed" / "deploy" / "logs").iterdir()) == [
-        "superlink.log", "supernode-0.log", "supernode-1.log"]
+        "serverapp.log", "superlink.log", "supernode-0.log", "supernode-1.log"]
     assert not flower_processes(tmp_path / "deployed")
 
 
