@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -254,9 +253,6 @@ class LocalDeployment:
             raise DeployError(f"the run finished but wrote no report in {self.out}")
         return self.out
 
-
-def cleanup(work: Path) -> None:
-    shutil.rmtree(work / "node-state", ignore_errors=True)
 
 
 def cmd_deploy_local(args) -> int:

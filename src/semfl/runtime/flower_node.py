@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from semfl.codecs import Payload
 from semfl.runtime import seeding
 from semfl.runtime.local import UserContext
 from semfl.runtime.wire import FETCH_STATE, HELLO, flatten_state, kind_of, payload_to_record, record_to_payload
@@ -69,17 +70,14 @@ class UserStateStore:
         return self.folder / f"round-{round_}.pt"
 
     def load(self, round_: int, seq: int) -> dict[str, Any]:
-        rounds = self._rounds()
         if seq == 0:
-            for r in rounds:
+            for r in self._rounds():
                 if r >= round_:
                     self._path(r).unlink(missing_ok=True)
-            rounds = [r for r in rounds if r < round_]
-        else:
-            rounds = [r for r in rounds if r <= round_]
-        return torch.load(self._path(rounds[-1]), weights_only=False) if rounds else {}
+        return self.latest(round_)
 
     def latest(self, round_: int) -> dict[str, Any]:
+        """The newest state of a round up to `round_` ({} before the user's first message)."""
         rounds = [r for r in self._rounds() if r <= round_]
         return torch.load(self._path(rounds[-1]), weights_only=False) if rounds else {}
 
@@ -149,14 +147,14 @@ def handle(message, context):
     user = node_user(context.node_config)
     kind = kind_of(message.metadata.message_type)
     if kind == HELLO:
-        return Message(payload_to_record(type(payload)(), {"user": user}), reply_to=message)
+        return Message(payload_to_record(Payload(), {"user": user}), reply_to=message)
     if header["user"] != user:
         raise ValueError(f"message for user {header['user']} reached the node of user {user}")
     store = UserStateStore(state_root(context.node_config) / header["run_key"] / f"user-{user}")
     if kind == FETCH_STATE:
         state = store.latest(header["round"])
         entries = flatten_state({k: state[k] for k in header["keys"] if k in state})
-        return Message(payload_to_record(type(payload)(entries), header), reply_to=message)
+        return Message(payload_to_record(Payload(entries), header), reply_to=message)
     side = node_side(header["config"], context.node_config)
     if kind not in side.handlers:
         raise ValueError(f"method {side.cfg.method!r} has no user handler for {kind!r}")

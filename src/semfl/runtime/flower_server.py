@@ -19,10 +19,11 @@ from typing import Any, Callable, Iterable
 from semfl.codecs import Payload
 from semfl.config import Config, dump_config
 from semfl.runtime.flower_node import run_key
+from semfl.runtime.transport import LinkCharging
 from semfl.runtime.wire import FETCH_STATE, HELLO, message_type, payload_to_record, record_to_payload, unflatten_state
 
 
-class FlowerTransport:
+class FlowerTransport(LinkCharging):
     def __init__(self, grid, cfg: Config, link, out_dir: Path, log: Callable[[str], None] = print):
         self.grid = grid
         self.cfg = cfg
@@ -33,7 +34,7 @@ class FlowerTransport:
         self.timeout = cfg.engine.reply_timeout_s or None
         self.handlers: dict = {}  # users' handlers run on their nodes
         self.round = 0
-        self.on_user_done: Callable[[int], None] | None = None
+        self.on_user_done = None
         self.missing: dict[int, list[int]] = {}  # round -> users that did not answer
         self._seq: dict[tuple[int, int], int] = {}
         self.node_of = self._discover()
@@ -93,8 +94,7 @@ class FlowerTransport:
         users = list(users)
         requests = {}
         for user in users:
-            request = payload[user] if isinstance(payload, dict) else payload
-            self.link.send(self.round, user, "downlink", request.bits())
+            request = self._downlink(user, payload)
             seq = self._seq.get((self.round, user), 0)
             self._seq[(self.round, user)] = seq + 1
             requests[user] = (request, {"user": user, "round": self.round, "seq": seq, "kind": kind,
@@ -107,14 +107,7 @@ class FlowerTransport:
             self.log(f"flower: round {self.round}: no {kind!r} reply from users {missing}; going on without them")
         kept: dict[int, Payload] = {}
         for user in sorted(replies):  # user order, as on the local transport
-            reply = replies[user]
-            self.link.send(self.round, user, "uplink", reply.bits())
-            if self.on_user_done is not None:
-                self.on_user_done(user)
-            if on_reply is None:
-                kept[user] = reply
-            else:
-                on_reply(user, reply)
+            self._uplink(user, replies[user], kept, on_reply)
         return kept
 
     def fetch_state(self, user: int, keys: Iterable[str]) -> dict[str, Any] | None:

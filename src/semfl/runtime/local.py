@@ -21,6 +21,7 @@ import torch
 from semfl.codecs import Payload
 from semfl.link import Link
 from semfl.runtime import seeding
+from semfl.runtime.transport import LinkCharging
 
 Handler = Callable[["UserContext", Payload], Payload]
 
@@ -146,7 +147,7 @@ class UserStates(MutableMapping):
         return {k: (torch.load(self._disk[k], weights_only=False) if k in self._disk else self._mem[k]) for k in self}
 
 
-class LocalTransport:
+class LocalTransport(LinkCharging):
     def __init__(self, link: Link, user_data: list[tuple[torch.Tensor, torch.Tensor]], seed: int,
                  device: torch.device, handlers: dict[str, Handler], state_memory_mb: float = 0.0,
                  spill_dir: str | Path | None = None):
@@ -193,23 +194,6 @@ class LocalTransport:
             self.states.enforce(touched=[user])
             self._uplink(user, reply, replies, on_reply)
         return replies
-
-    def _downlink(self, user: int, payload: Payload | dict[int, Payload]) -> Payload:
-        """The request for `user` (broadcast or its own), charged to its downlink."""
-        request = payload[user] if isinstance(payload, dict) else payload
-        self.link.send(self.round, user, "downlink", request.bits())
-        return request
-
-    def _uplink(self, user: int, reply: Payload, replies: dict[int, Payload],
-                on_reply: Callable[[int, Payload], None] | None) -> None:
-        """Charge a reply to the user's uplink, then keep it or hand it to `on_reply`."""
-        self.link.send(self.round, user, "uplink", reply.bits())
-        if self.on_user_done is not None:
-            self.on_user_done(user)
-        if on_reply is None:
-            replies[user] = reply
-        else:
-            on_reply(user, reply)
 
     def send_batched(self, users: Iterable[int], kind: str, payload: Payload | dict[int, Payload],
                      on_reply: Callable[[int, Payload], None] | None = None) -> dict[int, Payload]:

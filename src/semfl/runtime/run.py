@@ -163,7 +163,8 @@ class Runner:
                 try:
                     info = method.run_round(round_, users)
                 except Exception:
-                    missing = set(getattr(transport, "missing", {}).get(round_, []))
+                    info = transport.round_info(round_) if hasattr(transport, "round_info") else {}
+                    missing = set(info.get("missing_users", []))
                     if missing and missing >= set(users):
                         raise RunError(f"round {round_}: no user answered (users {sorted(missing)} missing); "
                                        "the run stopped here: continue it with --resume") from None
