@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +206,38 @@ seed = [0]
     assert points["good__s0"]["status"] == "finished"
     assert points["bad__s0"]["status"] == "failed" and "train.momentum" in points["bad__s0"]["error"]
     assert (out / "good__s0" / "report.html").is_file() and (out / "report.html").is_file()
+
+
+def test_parallel_jobs_match_sequential_and_record_failures(tmp_path, tiny_overrides):
+    path = write(tmp_path / "sweep.toml", """
+[sweep]
+name = "jobs"
+seed = [0, 1]
+[sweep.variants]
+"fedavg" = ["method=fedavg"]
+"bad" = ["method=psfl", "psfl.foundation_samples=100000"]  # fails inside the worker, at mentor set-up
+""")
+    overrides = tiny_overrides + ["users=2", "rounds=2", "eval.snr_sweep=[]", "eval.grid_images=0"]
+    # same thread count on both sides: metrics are bit-identical only for equal thread counts
+    base = ["sweep", str(path), "--quiet", "--no-compare"] + sets(overrides + ["train.vmap=off"])
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        assert main(base + ["--out", str(tmp_path / "seq")]) == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert main(base + ["--out", str(tmp_path / "par"), "--jobs", "2"]) == 1
+    doc = json.loads((tmp_path / "par" / "sweep.json").read_text())
+    status = {p["label"]: p["status"] for p in doc["points"]}
+    assert status == {"fedavg__s0": "finished", "fedavg__s1": "finished", "bad__s0": "failed", "bad__s1": "failed"}
+    assert all(p["wall_s"] > 0 for p in doc["points"] if p["status"] == "finished")
+    bad = next(p for p in doc["points"] if p["label"] == "bad__s0")
+    assert "psfl.foundation_samples: 100000 requested" in bad["error"]
+    assert "Traceback" in (tmp_path / "par" / "bad__s0" / "sweep_error.txt").read_text()
+    for label in ("fedavg__s0", "fedavg__s1"):
+        def quality(root):
+            return [(r["round"], r["loss"], r["psnr_db"]) for r in read_jsonl(root / label / "metrics.jsonl")
+                    if r["scope"] == "global"]
+        assert quality(tmp_path / "par") == quality(tmp_path / "seq")
+    assert main(["sweep", str(path), "--jobs", "0"]) == 2

@@ -260,15 +260,24 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+FLOWER_PER_USER = {False: (32, 64, 256), True: (16, 64)}  # samples per user: 1-2 to 8 local batches
+
+
 def flower_compare(quick: bool, device: str, semfl_repeats: int, timeout: float) -> dict:
-    sets = workload(quick, device, "fedavg")
-    flower = _child([str(REPO / "benchmarks" / "flower_baseline.py"), "--json", *sum((["--set", s] for s in sets), [])],
-                    timeout)
-    # semfl end to end in a fresh process too (import, data, classifier from cache, model, R rounds)
-    semfl = _child(["-m", "semfl.bench", "--end-to-end", *sum((["--set", s] for s in sets), [])], timeout)
-    return {"flower": flower, "semfl": semfl,
-            "speedup_end_to_end": flower["process_s"] / semfl["process_s"],
-            "speedup_per_round": flower["steady_round_s"] / semfl["round_s"]}
+    """The same FedAvg workload in Flower's simulation and in semfl, for several amounts of local work
+    per client (the speed-up is (compute + engine cost) / (compute + semfl cost): it shrinks as the
+    per-client compute, which both must do, grows)."""
+    points = []
+    for per_user in FLOWER_PER_USER[quick]:
+        sets = workload(quick, device, "fedavg", per_user=per_user)
+        flat = sum((["--set", s] for s in sets), [])
+        flower = _child([str(REPO / "benchmarks" / "flower_baseline.py"), "--json", *flat], timeout)
+        # semfl end to end in a fresh process too (import, data, classifier from cache, model, R rounds)
+        semfl = _child(["-m", "semfl.bench", "--end-to-end", *flat], timeout)
+        points.append({"samples_per_user": per_user, "batches_per_user": -(-per_user // 32), "flower": flower,
+                       "semfl": semfl, "speedup_end_to_end": flower["process_s"] / semfl["process_s"],
+                       "speedup_per_round": flower["steady_round_s"] / semfl["round_s"]})
+    return {"points": points}
 
 
 def end_to_end(overrides: list[str]) -> dict:
@@ -324,12 +333,19 @@ def markdown(result: dict) -> str:
                   "CPU seconds) is the steadier estimate on a shared machine."]
         lines.append("")
     if result.get("flower"):
-        f = result["flower"]
-        lines += ["## semfl vs Flower simulation (same FedAvg workload)", "",
-                  "| | end to end (s) | per round, steady (s) |", "|---|---|---|",
-                  f"| Flower {f['flower'].get('flwr', '')} run_simulation | {f['flower']['process_s']:.2f} | {f['flower']['steady_round_s']:.2f} |",
-                  f"| semfl local | {f['semfl']['process_s']:.2f} | {f['semfl']['round_s']:.2f} |",
-                  f"| **speed-up** | **{f['speedup_end_to_end']:.1f}×** | **{f['speedup_per_round']:.2f}×** |", ""]
+        points = result["flower"].get("points") or [{"samples_per_user": "", "batches_per_user": "",
+                                                     **result["flower"]}]  # an older single-point result
+        flwr_version = points[0]["flower"].get("flwr", "")
+        lines += [f"## semfl vs Flower {flwr_version} simulation (same FedAvg workload)", "",
+                  "| samples/user | batches/user/round | Flower end to end (s) | semfl end to end (s) | "
+                  "**speed-up end to end** | Flower round (s) | semfl round (s) | **speed-up per round** |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for f in points:
+            lines.append(f"| {f['samples_per_user']} | {f['batches_per_user']} | {f['flower']['process_s']:.2f} | "
+                         f"{f['semfl']['process_s']:.2f} | **{f['speedup_end_to_end']:.1f}×** | "
+                         f"{f['flower']['steady_round_s']:.2f} | {f['semfl']['round_s']:.2f} | "
+                         f"**{f['speedup_per_round']:.1f}×** |")
+        lines.append("")
     if result.get("scaling"):
         lines += ["## Scaling (FedAvg, fixed data per user)", "",
                   "| users | round (s) | round / user (s) | RSS before rounds (MB) | peak RSS in rounds (MB) | "

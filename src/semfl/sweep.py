@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
 import re
 import sys
 import time
@@ -288,11 +289,62 @@ def _table(sweep: Sweep, title: str, final: bool):
     return table
 
 
-def run_sweep(sweep: Sweep, out: Path, cli_sets: list[str] | None = None, quiet: bool = False,
-              compare: bool = True) -> int:
-    from rich.console import Console
-
+def _run_point(cfg: Config, run_dir: Path, resume: bool, quiet: bool) -> None:
     from semfl.runtime.run import Runner
+
+    Runner(cfg, run_dir, resume=resume, show_progress=not quiet, log=(lambda m: None) if quiet else None).execute()
+    (run_dir / "sweep_error.txt").unlink(missing_ok=True)
+
+
+def _record_failure(point, out: Path, error: str, tb: str, console) -> None:
+    point.status, point.error = "failed", error
+    console.print(f"[red]{point.label} failed: {point.error}[/]")
+    (out / point.label).mkdir(parents=True, exist_ok=True)
+    (out / point.label / "sweep_error.txt").write_text(tb)
+
+
+def _worker(cfg: Config, run_dir: str, resume: bool, threads: int) -> tuple[float, str, str]:
+    """One point in a worker process: (wall seconds, error or '', traceback or '')."""
+    import torch
+
+    torch.set_num_threads(threads)
+    tic = time.perf_counter()
+    try:
+        _run_point(cfg, Path(run_dir), resume, quiet=True)
+        return time.perf_counter() - tic, "", ""
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which records it
+        return time.perf_counter() - tic, f"{type(exc).__name__}: {exc}", traceback.format_exc()
+
+
+def _run_parallel(sweep: Sweep, todo: list, out: Path, cli_sets: list[str], jobs: int, console) -> None:
+    """Points in `jobs` worker processes (spawned: no state shared with this one), each with an equal
+    share of the cores; sweep.json is written by this process only, as each point ends."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    console.print(f"running {len(todo)} points in {jobs} processes, {threads} thread(s) each (progress bars off)")
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_worker, point.config(), str(out / point.label), point.state == "resume", threads):
+                   (i, point) for i, point in todo}
+        for future in as_completed(futures):
+            i, point = futures[future]
+            try:
+                wall, error, tb = future.result()
+            except Exception as exc:  # noqa: BLE001 - a worker that died (killed, out of memory)
+                wall, error, tb = 0.0, f"{type(exc).__name__}: {exc}", traceback.format_exc()
+            point.wall_s += wall
+            if error:
+                _record_failure(point, out, error, tb, console)
+            else:
+                point.status, point.error = "finished", ""
+                console.print(f"[{i}/{len(sweep.points)}] {point.label} finished in {wall:.0f} s")
+            write_sweep_json(sweep, out, cli_sets)
+
+
+def run_sweep(sweep: Sweep, out: Path, cli_sets: list[str] | None = None, quiet: bool = False,
+              compare: bool = True, jobs: int = 1) -> int:
+    from rich.console import Console
 
     console = Console(stderr=True)
     out = Path(out)
@@ -304,34 +356,31 @@ def run_sweep(sweep: Sweep, out: Path, cli_sets: list[str] | None = None, quiet:
                                 f"({counts['done']} done, {counts['resume']} to resume, {counts['new']} new"
                                 f"{', %d invalid' % counts['invalid'] if counts['invalid'] else ''}) -> {out}", False))
     write_sweep_json(sweep, out, cli_sets)
+    todo = []
     for i, point in enumerate(sweep.points, 1):
         if point.state == "done":
             point.status = "skipped"
-            continue
-        if point.state == "invalid":
+        elif point.state == "invalid":
             point.status = "failed"
             console.print(f"[red][{i}/{len(sweep.points)}] {point.label}: {point.error}[/]")
             write_sweep_json(sweep, out, cli_sets)
-            continue
+        else:
+            todo.append((i, point))
+    if jobs > 1 and len(todo) > 1:
+        _run_parallel(sweep, todo, out, cli_sets, jobs, console)
+    for i, point in ([] if jobs > 1 and len(todo) > 1 else todo):
         console.print(f"[bold][{i}/{len(sweep.points)}] {point.label}[/] ({point.state})")
         tic = time.perf_counter()
         try:
-            cfg = point.config()
-            Runner(cfg, out / point.label, resume=point.state == "resume", show_progress=not quiet,
-                   log=(lambda m: None) if quiet else None).execute()
+            _run_point(point.config(), out / point.label, point.state == "resume", quiet)
             point.status, point.error = "finished", ""
-            (out / point.label / "sweep_error.txt").unlink(missing_ok=True)
         except KeyboardInterrupt:
             point.status, point.error = "failed", "interrupted"
             point.wall_s += time.perf_counter() - tic
             write_sweep_json(sweep, out, cli_sets)
             raise
         except Exception as exc:  # noqa: BLE001 - one failing point must not stop the sweep
-            point.status, point.error = "failed", f"{type(exc).__name__}: {exc}"
-            console.print(f"[red]{point.label} failed: {point.error}[/]")
-            tb = traceback.format_exc()
-            (out / point.label).mkdir(parents=True, exist_ok=True)
-            (out / point.label / "sweep_error.txt").write_text(tb)
+            _record_failure(point, out, f"{type(exc).__name__}: {exc}", traceback.format_exc(), console)
         point.wall_s += time.perf_counter() - tic
         write_sweep_json(sweep, out, cli_sets)
     write_sweep_json(sweep, out, cli_sets)
@@ -370,12 +419,15 @@ def dry_run(sweep: Sweep, out: Path) -> int:
 # ------------------------------------------------------------------ CLI
 
 def cmd_sweep(args) -> int:
+    if args.jobs < 1:
+        print(f"semfl: error: --jobs: must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
     sweep = load_sweep(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / "sweeps" / sweep.name
     if args.dry_run:
         return dry_run(sweep, out)
     try:
-        return run_sweep(sweep, out, args.set, quiet=args.quiet, compare=not args.no_compare)
+        return run_sweep(sweep, out, args.set, quiet=args.quiet, compare=not args.no_compare, jobs=args.jobs)
     except KeyboardInterrupt:
         print(f"semfl: sweep interrupted; run the same command again to resume ({out / 'sweep.json'})", file=sys.stderr)
         return 130
@@ -389,6 +441,8 @@ def register(sub) -> None:
     p.add_argument("--out", help="sweep folder (default runs/sweeps/<sweep name>)")
     p.add_argument("--dry-run", action="store_true", help="list the points and their state; run nothing")
     p.add_argument("--quiet", action="store_true", help="no per-run progress bars")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N points at once, each in its own process with cores/N threads (default 1)")
     p.add_argument("--no-compare", action="store_true", help="skip the comparison report at the end")
     p.set_defaults(func=cmd_sweep)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from torch.nn import functional as F
 
 from semfl.models.base import ImageSpec
 from semfl.models.blocks import BasicBlock, Bottleneck, resnet_stages
+from semfl.runtime.checkpoint import atomic_write, cache_lock
 
 DEPTHS = {
     8: (BasicBlock, (1, 1, 1)),  # CIFAR-style 3-stage ResNet
@@ -73,6 +73,15 @@ def default_cache_dir(data_root: Path | None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "semfl"
 
 
+def run_cache_dir(cfg) -> Path:
+    """Where a run caches what it trains once (classifier, foundation mentors)."""
+    from semfl.data import resolve_root
+
+    if cfg.classifier.cache_dir:
+        return Path(cfg.classifier.cache_dir)
+    return default_cache_dir(resolve_root(cfg.dataset, cfg.data.root))
+
+
 def train_classifier(model: ResNetClassifier, images: torch.Tensor, labels: torch.Tensor, epochs: int,
                      batch_size: int, lr: float, seed: int, progress=None) -> list[float]:
     generator = torch.Generator().manual_seed(seed)
@@ -114,19 +123,16 @@ def frozen_classifier(spec: ImageSpec, dataset: str, train_x: torch.Tensor, trai
     torch.manual_seed(seed)
     model = ResNetClassifier(spec, depth, width)
     trained = False
-    if path.is_file():
-        try:
-            model.load_state_dict(torch.load(path, weights_only=True))
-        except Exception as exc:  # a corrupt cache is rebuilt, not trusted
-            raise RuntimeError(f"classifier cache {path} is unreadable ({exc}); delete it to retrain") from None
-    else:
-        train_classifier(model, train_x, train_y, epochs, batch_size, lr, seed, progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
-        trained = True
+    with cache_lock(path):
+        if path.is_file():
+            try:
+                model.load_state_dict(torch.load(path, weights_only=True))
+            except Exception as exc:  # a corrupt cache is rebuilt, not trusted
+                raise RuntimeError(f"classifier cache {path} is unreadable ({exc}); delete it to retrain") from None
+        else:
+            train_classifier(model, train_x, train_y, epochs, batch_size, lr, seed, progress)
+            atomic_write(path, lambda handle: torch.save(model.state_dict(), handle))
+            trained = True
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -1,9 +1,11 @@
 """Atomic files: write to a temporary file in the same folder, fsync, then rename."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +26,20 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextmanager
+def cache_lock(path: Path):
+    """Hold an exclusive lock beside a cache file while checking and filling it, so parallel runs
+    (sweep --jobs, Flower nodes on one host) train a cached model once instead of racing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def atomic_text(path: Path, text: str) -> None:

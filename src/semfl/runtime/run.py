@@ -20,7 +20,7 @@ from semfl.config import Config, ConfigError, dump_config, load_config
 from semfl.link import Link, round_totals
 from semfl.methods import get_method
 from semfl.methods.base import RunContext
-from semfl.models.classifier import default_cache_dir, frozen_classifier
+from semfl.models.classifier import frozen_classifier, run_cache_dir
 from semfl.runtime import seeding
 from semfl.runtime.checkpoint import atomic_text, load_checkpoint, read_jsonl, save_checkpoint, write_jsonl
 from semfl.runtime.local import LocalTransport
@@ -61,8 +61,7 @@ def build_context(cfg: Config, out_dir: Path | None, log: Callable[[str], None] 
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {cfg.device} requested but CUDA is not available")
     dataset, parts, test_idx = prepare_data(cfg)
-    root = datamod.resolve_root(cfg.dataset, cfg.data.root)
-    cache_dir = Path(cfg.classifier.cache_dir) if cfg.classifier.cache_dir else default_cache_dir(root)
+    cache_dir = run_cache_dir(cfg)
     tick = progress.classifier_task(len(dataset.train_y)) if progress else None
     classifier, path, trained = frozen_classifier(
         dataset.spec, cfg.dataset, dataset.train_x, dataset.train_y, scale=cfg.scale, depth=cfg.classifier.depth,

@@ -1,0 +1,121 @@
+"""Foundation GSC mentors: each mentor architecture pretrained once on public images.
+
+PSFL's mentors are large generative models (MAE) that arrive on the user's device already
+pretrained on a large corpus; the user then personalises one with PLD. At `cpu` scale no such
+checkpoint exists, so semfl builds one: the training images that **no user holds** (the run's
+partition decides which) form the public pool, and each GSC architecture is trained on it end
+to end — encoder, channel codec, channel at an SNR drawn uniformly from the link's range per
+image, decoder — on PLD's task loss (eq 19: MSE + ce_weight * CE of the frozen classifier).
+The result is cached like the classifier (every input that changes the weights is in the key),
+so a sweep pays for it once per architecture and seed.
+
+Off by default (`psfl.foundation_samples = 0`); the cpu PSFL configs turn it on.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from semfl.config import ConfigError
+from semfl.runtime import seeding
+from semfl.runtime.checkpoint import atomic_write, cache_lock
+from semfl.training import batches, clip_gradients, reconstruction_loss
+
+_MEMO: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def public_pool(num_train: int, parts: list, samples: int, seed: int) -> np.ndarray:
+    """`samples` training indices held by no user (sorted), drawn with the run's seed."""
+    held = np.zeros(num_train, dtype=bool)
+    for part in parts:
+        held[np.asarray(part, dtype=np.int64)] = True
+    free = np.flatnonzero(~held)
+    if samples > len(free):
+        raise ConfigError(f"psfl.foundation_samples: {samples} requested, but only {len(free)} training images "
+                          "are held by no user (lower it, or give users a smaller data.user_fraction)")
+    rng = seeding.numpy_rng(seed, "foundation-pool")
+    return np.sort(rng.choice(free, samples, replace=False))
+
+
+def _key(arch: str, run, options, pool: np.ndarray) -> str:
+    cfg = run.cfg
+    digest = hashlib.sha256(pool.astype(np.int64).tobytes()).hexdigest()[:12]
+    return (f"foundation-{cfg.dataset}-{arch}-{cfg.scale}-n{len(pool)}-e{options.foundation_epochs}"
+            f"-lr{options.foundation_lr:g}-b{cfg.train.batch_size}-ce{options.ce_weight:g}"
+            f"-snr{cfg.link.snr_min_db:g}_{cfg.link.snr_max_db:g}-{cfg.channel.kind}-s{cfg.seed}-{digest}.pt")
+
+
+def train_foundation(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, classifier, *,
+                     epochs: int, lr: float, batch_size: int, ce_weight: float, snr_range: tuple[float, float],
+                     seed: int, progress: Callable[[int, float], None] | None = None) -> list[float]:
+    """Adam on the GSC task loss through the channel, per-image SNR ~ U(snr_range); mean loss per epoch."""
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    low, high = snr_range
+    model.train()
+    history = []
+    for epoch in range(epochs):
+        total = 0.0
+        for idx in batches(len(images), batch_size, generator):
+            x, y = images[idx], labels[idx]
+            snr = low + (high - low) * torch.rand(len(idx), generator=generator)
+            out = model(x, snr.to(x.device))
+            loss, _ = reconstruction_loss(out.recon, x, y, classifier, ce_weight)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            clip_gradients(model, 1.0)
+            optimiser.step()
+            total += float(loss.detach()) * len(idx)
+        history.append(total / len(images))
+        if progress is not None:
+            progress(epoch, history[-1])
+    return history
+
+
+def foundation_weights(run, arch: str, options, build: Callable[[], torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The pretrained weights of `arch` (CPU tensors): from this process, the cache, or trained now."""
+    from semfl.models.classifier import run_cache_dir
+
+    cfg = run.cfg
+    pool = public_pool(len(run.data.train_y), run.parts, options.foundation_samples, cfg.seed)
+    key = _key(arch, run, options, pool)
+    if key in _MEMO:
+        return _MEMO[key]
+    path = Path(run_cache_dir(cfg)) / key
+    torch.manual_seed(seeding.derive_seed(cfg.seed, "foundation-init", arch))
+    model = build()
+    with cache_lock(path):
+        state = _load_or_train(run, arch, options, pool, path, model)
+    model.load_state_dict(state)
+    weights = {k: p.detach().cpu().clone() for k, p in model.named_parameters()}
+    _MEMO[key] = weights
+    return weights
+
+
+def _load_or_train(run, arch: str, options, pool: np.ndarray, path: Path, model: torch.nn.Module) -> dict:
+    cfg = run.cfg
+    if path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a torn or foreign file: say which and how to fix it
+            raise RuntimeError(f"foundation mentor cache {path} is unreadable ({exc}); delete it to retrain") from None
+        run.log(f"foundation {arch} loaded from {path}")
+    else:
+        index = torch.from_numpy(pool)
+        images = run.data.train_x[index].to(run.device)
+        labels = run.data.train_y[index].to(run.device)
+        run.log(f"foundation {arch}: pretraining on {len(pool)} public images for {options.foundation_epochs} epochs")
+        history = train_foundation(
+            model, images, labels, run.classifier, epochs=options.foundation_epochs, lr=options.foundation_lr,
+            batch_size=cfg.train.batch_size, ce_weight=options.ce_weight,
+            snr_range=(cfg.link.snr_min_db, cfg.link.snr_max_db), seed=seeding.derive_seed(cfg.seed, "foundation", arch),
+            progress=lambda e, loss: run.log(f"foundation {arch}: epoch {e + 1}/{options.foundation_epochs} loss {loss:.4f}"))
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        atomic_write(path, lambda handle: torch.save(state, handle))
+        run.log(f"foundation {arch} cached at {path} (final loss {history[-1]:.4f})" if history else
+                f"foundation {arch} cached at {path}")
+    return state

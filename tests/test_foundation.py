@@ -1,0 +1,79 @@
+"""Foundation mentors: the public pool, pretraining that learns, the cache, and PSFL's use of it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from semfl import foundation
+from semfl.config import ConfigError, load_config
+from semfl.methods.common import build_semantic_model
+from semfl.runtime.run import build_context
+from semfl.training import evaluate_semantic, load_weights
+
+
+def test_public_pool_holds_only_images_no_user_has():
+    parts = [np.array([0, 3, 5]), np.array([1, 2]), np.array([9])]
+    pool = foundation.public_pool(12, parts, 5, seed=0)
+    assert len(pool) == 5 and len(set(pool.tolist())) == 5
+    assert not set(pool.tolist()) & {0, 1, 2, 3, 5, 9}
+    assert np.all(np.diff(pool) > 0)
+    assert np.array_equal(pool, foundation.public_pool(12, parts, 5, seed=0))
+    assert set(foundation.public_pool(12, parts, 6, seed=0).tolist()) == {4, 6, 7, 8, 10, 11}
+    with pytest.raises(ConfigError, match=r"^psfl.foundation_samples: 7 requested, but only 6"):
+        foundation.public_pool(12, parts, 7, seed=0)
+
+
+def test_foundation_options_are_checked():
+    with pytest.raises(ConfigError, match=r"^psfl.foundation"):
+        load_config(None, ["method=psfl", "psfl.foundation_samples=-1"])
+
+
+@pytest.fixture
+def tiny_run(fmnist_root, tmp_path):
+    overrides = [f"data.root={fmnist_root}", f"classifier.cache_dir={tmp_path / 'cache'}", "scale=tiny",
+                 "data.download=false", "data.test_samples=100", "classifier.epochs=3", "method=psfl", "users=3",
+                 "data.user_fraction=0.2", "psfl.foundation_samples=300", "psfl.foundation_epochs=4"]
+    cfg = load_config(None, overrides)
+    run, _ = build_context(cfg, None, log=lambda m: None)
+    return cfg, run, tmp_path
+
+
+def test_foundation_learns_is_cached_and_reloaded(tiny_run):
+    cfg, run, tmp = tiny_run
+    options = cfg.table("psfl")
+    foundation._MEMO.clear()
+    torch.manual_seed(123)
+    untrained = build_semantic_model(run, "gsc-m")
+    before = evaluate_semantic(untrained, run.classifier, run.test_x, run.test_y, 10.0, 50)
+    weights = foundation.foundation_weights(run, "gsc-m", options, lambda: build_semantic_model(run, "gsc-m"))
+    cached = list((tmp / "cache").glob("foundation-*gsc-m*.pt"))
+    assert len(cached) == 1 and "n300-e4" in cached[0].name
+    model = build_semantic_model(run, "gsc-m")
+    load_weights(model, weights)
+    after = evaluate_semantic(model, run.classifier, run.test_x, run.test_y, 10.0, 50)
+    assert after["mse"] < 0.7 * before["mse"]  # it learnt to reconstruct images it never saw
+
+    foundation._MEMO.clear()  # a new process: the weights come back from the cache, bit for bit
+    again = foundation.foundation_weights(run, "gsc-m", options, lambda: build_semantic_model(run, "gsc-m"))
+    assert again.keys() == weights.keys() and all(torch.equal(again[k], weights[k]) for k in weights)
+
+    cached[0].write_bytes(b"torn")
+    foundation._MEMO.clear()
+    with pytest.raises(RuntimeError, match="foundation mentor cache .* is unreadable"):
+        foundation.foundation_weights(run, "gsc-m", options, lambda: build_semantic_model(run, "gsc-m"))
+
+
+def test_psfl_mentors_start_from_the_foundation(tiny_run):
+    from semfl.methods.psfl import PSFL
+
+    cfg, run, _ = tiny_run
+    foundation._MEMO.clear()
+    method = PSFL(run, transport=None)
+
+    class Ctx:  # the parts of a UserContext that mentor initialisation reads
+        user, x = 0, run.data.train_x[:8]
+
+    start = method._init_mentor(Ctx(), "gsc-m")
+    expected = foundation.foundation_weights(run, "gsc-m", method.options, lambda: build_semantic_model(run, "gsc-m"))
+    assert all(torch.equal(start[k], expected[k]) for k in expected)
