@@ -175,6 +175,12 @@ def test_tiny_sweep_runs_skips_resumes_and_compares(tiny_sweep, tmp_path, monkey
         assert summary[group]["final_accuracy"]["std"] == pytest.approx(np.std(final_acc, ddof=1))
         assert summary[group]["total_uplink_bits"]["mean"] == pytest.approx(np.mean(up_bits))
         assert summary[group]["total_energy_j"]["mean"] == pytest.approx(np.mean(energy))
+        users_last = [r for r in runs[0] if r["scope"] == "user" and r["round"] == 2 and "mentor_loss" in r]
+        if group == "psfl":  # Figs 9-10 in the table: users' mean mentor / student loss at the last round
+            assert summary[group]["final_mentor_loss"]["values"][0] == pytest.approx(
+                np.mean([r["mentor_loss"] for r in users_last]))
+        else:
+            assert summary[group]["final_mentor_loss"]["mean"] is None
         # per-round totals in the global rows agree with the link rows
         assert sum(r["uplink_bits"] for r in runs[0] if r["scope"] == "global" and r["round"] > 0) == up_bits[0]
 
@@ -186,6 +192,8 @@ def test_tiny_sweep_runs_skips_resumes_and_compares(tiny_sweep, tmp_path, monkey
     assert main(["compare", str(out / "psfl__s0"), str(out / "fedavg__s1"), "--out", str(other)]) == 0
     assert (other / "report.html").is_file()
     assert set(json.loads((other / "summary.json").read_text())["groups"]) == {"psfl", "fedavg"}
+    table = (out / "summary.md").read_text()
+    assert "mentor loss (mean over users)" in table and "nearest-prototype accuracy" not in table
 
 
 def test_invalid_point_is_recorded_and_others_complete(tmp_path, tiny_overrides, capsys):

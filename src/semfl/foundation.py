@@ -42,11 +42,16 @@ def public_pool(num_train: int, parts: list, samples: int, seed: int) -> np.ndar
 
 
 def _key(arch: str, run, options, pool: np.ndarray) -> str:
+    """Cache file name: every input that changes the pretrained weights (the model and channel
+    settings, the classifier whose CE is in the loss, the pool) is in it or in its digest."""
     cfg = run.cfg
-    digest = hashlib.sha256(pool.astype(np.int64).tobytes()).hexdigest()[:12]
+    digest = hashlib.sha256(pool.astype(np.int64).tobytes())
+    digest.update(repr((cfg.model.semantic_dim, cfg.model.symbols_per_token, cfg.channel)).encode())
+    for p in run.classifier.parameters():
+        digest.update(p.detach().cpu().numpy().tobytes())
     return (f"foundation-{cfg.dataset}-{arch}-{cfg.scale}-n{len(pool)}-e{options.foundation_epochs}"
             f"-lr{options.foundation_lr:g}-b{cfg.train.batch_size}-ce{options.ce_weight:g}"
-            f"-snr{cfg.link.snr_min_db:g}_{cfg.link.snr_max_db:g}-{cfg.channel.kind}-s{cfg.seed}-{digest}.pt")
+            f"-snr{cfg.link.snr_min_db:g}_{cfg.link.snr_max_db:g}-s{cfg.seed}-{digest.hexdigest()[:12]}.pt")
 
 
 def train_foundation(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, classifier, *,

@@ -322,12 +322,18 @@ def _run_parallel(sweep: Sweep, todo: list, out: Path, cli_sets: list[str], jobs
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     threads = max(1, (os.cpu_count() or 1) // jobs)
     console.print(f"running {len(todo)} points in {jobs} processes, {threads} thread(s) each (progress bars off)")
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool, \
+            Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(f"sweep {sweep.name}", total=len(todo))
         futures = {pool.submit(_worker, point.config(), str(out / point.label), point.state == "resume", threads):
                    (i, point) for i, point in todo}
         for future in as_completed(futures):
+            bar.advance(task)
             i, point = futures[future]
             try:
                 wall, error, tb = future.result()
@@ -338,7 +344,7 @@ def _run_parallel(sweep: Sweep, todo: list, out: Path, cli_sets: list[str], jobs
                 _record_failure(point, out, error, tb, console)
             else:
                 point.status, point.error = "finished", ""
-                console.print(f"[{i}/{len(sweep.points)}] {point.label} finished in {wall:.0f} s")
+                bar.console.print(f"[{i}/{len(sweep.points)}] {point.label} finished in {wall:.0f} s")
             write_sweep_json(sweep, out, cli_sets)
 
 

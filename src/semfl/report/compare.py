@@ -87,6 +87,14 @@ class RunData:
                 out[r["round"]] += r[key]
         return dict(sorted(out.items()))
 
+    def final_user_mean(self, key: str) -> float | None:
+        """Mean over users of ``key`` at the last round where user rows have it (None if none)."""
+        users = [r for r in self.scope("user") if isinstance(r.get(key), (int, float))]
+        if not users:
+            return None
+        last = max(r["round"] for r in users)
+        return float(np.mean([r[key] for r in users if r["round"] == last]))
+
     def final_user_values(self) -> tuple[str, dict[int, float]] | None:
         """(metric, {user: value}) at the last round with per-user accuracy, or None."""
         for key in ("student_accuracy", "accuracy"):
@@ -145,7 +153,16 @@ SUMMARY_KEYS = {  # column -> (function of a run, label)
     "total_energy_j": (lambda r: _sum_or_none(r.total("uplink_energy_j"), r.total("downlink_energy_j")),
                        "up+down energy (J)"),
     "wall_s": (lambda r: r.final("wall_s"), "wall time (s)"),
+    # shown only where some run has them: PSFL's Figs 9-10 and FedProto's second inference rule
+    "final_mentor_loss": (lambda r: r.final_user_mean("mentor_loss"), "mentor loss (mean over users)"),
+    "final_student_loss": (lambda r: r.final_user_mean("student_loss"), "student loss (mean over users)"),
+    "final_proto_accuracy": (lambda r: r.final("proto_accuracy"), "nearest-prototype accuracy"),
 }
+
+
+def shown_columns(summary: dict[str, dict]) -> list[str]:
+    """The summary columns that at least one group has a value for."""
+    return [c for c in SUMMARY_KEYS if any(e[c]["mean"] is not None for e in summary.values())]
 
 
 def _sum_or_none(*values):
@@ -326,7 +343,7 @@ def _fmt(mean, std, key: str) -> str:
 
 
 def summary_markdown(summary: dict[str, dict]) -> str:
-    cols = list(SUMMARY_KEYS)
+    cols = shown_columns(summary)
     head = "| group | runs | " + " | ".join(SUMMARY_KEYS[c][1] for c in cols) + " |\n"
     head += "|---" * (len(cols) + 2) + "|\n"
     body = ""
@@ -367,7 +384,7 @@ def write_comparison(dirs: Iterable[str | Path], out: str | Path, title: str = "
                                                  indent=1))
     md = f"# {title}\n\n{summary_markdown(summary)}\n" + "".join(f"- {n}\n" for n in notes)
     atomic_text(out / "summary.md", md)
-    cols = list(SUMMARY_KEYS)
+    cols = shown_columns(summary)
     head = "<tr><th>group</th><th>runs</th>" + "".join(f"<th>{html.escape(SUMMARY_KEYS[c][1])}</th>" for c in cols) + "</tr>"
     body = "".join(
         f"<tr><td style='text-align:left'>{html.escape(n)}</td><td>{len(e['runs'])}</td>"
