@@ -137,6 +137,67 @@ def test_user_states_spill_to_disk_under_a_memory_cap(tmp_path):
     assert [float(full[k]["mentor"][0]) for k in range(4)] == [0.0, 1.0, 2.0, 3.0]
 
 
+def test_checkpoint_keeps_one_file_per_user_and_loads_lazily(tmp_path):
+    from semfl.runtime.local import UserStates
+
+    states = UserStates(4, cap_bytes=2 * 4000 + 100, spill_parent=tmp_path / "run")  # 2 of 4 fit in memory
+    for user in range(3):  # user 3 keeps an empty state
+        states[user]["mentor"] = torch.full((1000,), float(user))
+        states.enforce(touched=[user], keep=[user])
+    assert states.spills == 1  # user 0 is on disk
+    ckpt = tmp_path / "ckpt"
+    manifest = states.write_files(ckpt, "r1")
+    assert manifest == {0: "user-0-r1.pt", 1: "user-1-r1.pt", 2: "user-2-r1.pt", 3: None}
+    assert states.loads == 0  # the spilled state was linked, not read back into memory
+
+    states[2]["mentor"] += 10  # only user 2 changes before the next checkpoint
+    again = states.write_files(ckpt, "r2")
+    assert again == {0: "user-0-r1.pt", 1: "user-1-r1.pt", 2: "user-2-r2.pt", 3: None}
+    UserStates.prune_files(ckpt, again)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["user-0-r1.pt", "user-1-r1.pt", "user-2-r2.pt"]
+
+    resumed = UserStates(4, cap_bytes=2 * 4000 + 100)
+    resumed.load_files(ckpt, again)
+    assert resumed.in_memory_bytes() == 0 and resumed.loads == 0  # nothing read until looked up
+    assert [float(resumed[k]["mentor"][0]) for k in range(3)] == [0.0, 1.0, 12.0] and resumed[3] == {}
+    assert (ckpt / "user-0-r1.pt").is_file()  # reading a checkpoint file never deletes it
+    (ckpt / "user-1-r1.pt").unlink()
+    with pytest.raises(RuntimeError, match="user 1's state file .* is missing"):
+        UserStates(4).load_files(ckpt, again)
+
+
+def test_psfl_resume_from_per_user_checkpoint_files(tiny_overrides, tmp_path, monkeypatch):
+    """Killed mid-round 2 under a tiny state cap, resumed: the uninterrupted run's metrics; the
+    checkpoint holds the mentors as one file per user, not inside state.pt."""
+    from semfl.runtime.local import LocalTransport
+
+    sets = tiny_overrides + ["rounds=2", "method=psfl", "engine.state_memory_mb=0.001", "eval.snr_sweep=[]",
+                             "eval.grid_images=0", "data.max_per_user=40", "psfl.user_eval_samples=20"]
+
+    def run(out, resume=False):
+        Runner(load_config(None, sets), out, resume=resume, show_progress=False, log=lambda m: None).execute()
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in read_jsonl(out / "metrics.jsonl")]
+
+    reference = run(tmp_path / "full")
+    files = sorted(p.name for p in (tmp_path / "full" / "checkpoint" / "users").iterdir())
+    assert files == ["user-0-r2.pt", "user-1-r2.pt", "user-2-r2.pt"]  # round 1's files were pruned
+    state = torch.load(tmp_path / "full" / "checkpoint" / "state.pt", weights_only=False)
+    assert set(state["transport"]) == {"state_files"}
+
+    original = LocalTransport.send
+
+    def dying_send(self, users, kind, payload, on_reply=None):
+        if self.round == 2:
+            raise KeyboardInterrupt
+        return original(self, users, kind, payload, on_reply)
+
+    monkeypatch.setattr(LocalTransport, "send", dying_send)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed")
+    monkeypatch.setattr(LocalTransport, "send", original)
+    assert run(tmp_path / "killed", resume=True) == reference
+
+
 @pytest.mark.slow
 def test_transport_state_cap_keeps_psfl_like_state_working(tiny_overrides, tmp_path):
     """A run with a tiny cap gives the same metrics as one without (states round-trip through disk)."""

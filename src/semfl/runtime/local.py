@@ -7,6 +7,7 @@ to the device for the active user only).
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import weakref
@@ -21,6 +22,7 @@ import torch
 from semfl.codecs import Payload
 from semfl.link import Link
 from semfl.runtime import seeding
+from semfl.runtime.checkpoint import atomic_write
 from semfl.runtime.transport import LinkCharging
 
 Handler = Callable[["UserContext", Payload], Payload]
@@ -65,11 +67,18 @@ class UserStates(MutableMapping):
     spilled state is read back the next time it is looked up (``states[user]``), so methods see
     an ordinary mapping. A single state larger than the cap stays in memory while it is in use.
     Sizes count tensor bytes only.
+
+    Checkpoints (``write_files`` / ``load_files``) keep one file per user, so neither writing nor
+    resuming a checkpoint loads every state at once: a spilled state is hard-linked, an unchanged
+    one (not looked up since the last checkpoint) is referenced again, and after a resume each
+    state is read from its checkpoint file only when first looked up.
     """
 
     def __init__(self, users: int, cap_bytes: int = 0, spill_parent: str | Path | None = None):
         self._mem: OrderedDict[int, dict[str, Any]] = OrderedDict((k, {}) for k in range(users))
-        self._disk: dict[int, Path] = {}
+        self._disk: dict[int, Path] = {}  # spilled by us: deleted once read back
+        self._borrowed: dict[int, Path] = {}  # checkpoint files: read back, never deleted here
+        self._saved: dict[int, str | None] = {}  # checkpoint file holding the unchanged state
         self._sizes: dict[int, int] = {}
         self.cap_bytes = int(cap_bytes)
         self._spill_parent = spill_parent
@@ -93,6 +102,10 @@ class UserStates(MutableMapping):
             self._mem[user] = torch.load(path, weights_only=False)
             path.unlink(missing_ok=True)
             self.loads += 1
+        elif user in self._borrowed:
+            self._mem[user] = torch.load(self._borrowed.pop(user), weights_only=False)
+            self.loads += 1
+        self._saved.pop(user, None)  # the caller may change the state in place
         state = self._mem[user]
         self._mem.move_to_end(user)
         return state
@@ -101,6 +114,8 @@ class UserStates(MutableMapping):
         path = self._disk.pop(user, None)
         if path is not None:
             path.unlink(missing_ok=True)
+        self._borrowed.pop(user, None)
+        self._saved.pop(user, None)
         self._mem[user] = state
         self._sizes.pop(user, None)
 
@@ -108,15 +123,16 @@ class UserStates(MutableMapping):
         path = self._disk.pop(user, None)
         if path is not None:
             path.unlink(missing_ok=True)
-        else:
+        elif self._borrowed.pop(user, None) is None:
             del self._mem[user]
+        self._saved.pop(user, None)
         self._sizes.pop(user, None)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(sorted(set(self._mem) | set(self._disk)))
+        return iter(sorted(set(self._mem) | set(self._disk) | set(self._borrowed)))
 
     def __len__(self) -> int:
-        return len(self._mem) + len(self._disk)
+        return len(self._mem) + len(self._disk) + len(self._borrowed)
 
     def in_memory_bytes(self) -> int:
         return sum(self._sizes.setdefault(k, _nbytes(v)) for k, v in self._mem.items())
@@ -144,15 +160,77 @@ class UserStates(MutableMapping):
 
     def to_dict(self) -> dict[int, dict[str, Any]]:
         """Every state as a plain dict (spilled ones are read from disk, and stay there)."""
-        return {k: (torch.load(self._disk[k], weights_only=False) if k in self._disk else self._mem[k]) for k in self}
+        on_disk = {**self._disk, **self._borrowed}
+        return {k: (torch.load(on_disk[k], weights_only=False) if k in on_disk else self._mem[k]) for k in self}
+
+    def write_files(self, directory: Path, tag: str) -> dict[int, str | None]:
+        """Write each changed state to ``directory/user-<k>-<tag>.pt`` (None: an empty state, no file);
+        returns the manifest user -> file name. One state in memory at a time."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        manifest: dict[int, str | None] = {}
+        for user in self:
+            if user in self._saved:
+                manifest[user] = self._saved[user]
+                continue
+            if user in self._borrowed:  # read from this checkpoint folder and not looked up since
+                manifest[user] = self._borrowed[user].name
+                self._saved[user] = manifest[user]
+                continue
+            name = f"user-{user}-{tag}.pt"
+            if user in self._disk:
+                _link_durably(self._disk[user], directory / name)
+            elif self._mem[user]:
+                atomic_write(directory / name, lambda handle, state=self._mem[user]: torch.save(state, handle))
+            else:
+                name = None
+            manifest[user] = self._saved[user] = name
+        return manifest
+
+    def load_files(self, directory: Path, manifest: dict[int, str | None]) -> None:
+        """Take the states of a checkpoint manifest; each file is read when its user is first looked up."""
+        for user, name in manifest.items():
+            user = int(user)
+            if name is None:
+                self[user] = {}
+            else:
+                path = Path(directory) / name
+                if not path.is_file():
+                    raise RuntimeError(f"checkpoint: user {user}'s state file {path} is missing")
+                self._mem.pop(user, None)
+                self._borrowed[user] = path
+            self._saved[user] = name
+
+    @staticmethod
+    def prune_files(directory: Path, manifest: dict[int, str | None]) -> None:
+        """Delete the state files of older checkpoints (call once the checkpoint naming ``manifest`` is on disk)."""
+        keep = {name for name in manifest.values() if name}
+        for path in Path(directory).glob("user-*.pt"):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+
+
+def _link_durably(source: Path, target: Path) -> None:
+    """``target`` becomes a durable copy of ``source`` (a hard link where the file system allows)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
 
 
 class LocalTransport(LinkCharging):
     def __init__(self, link: Link, user_data: list[tuple[torch.Tensor, torch.Tensor]], seed: int,
                  device: torch.device, handlers: dict[str, Handler], state_memory_mb: float = 0.0,
-                 spill_dir: str | Path | None = None):
+                 spill_dir: str | Path | None = None, checkpoint_dir: str | Path | None = None):
         """``state_memory_mb`` > 0 caps the per-user state held in memory; idle users' states
-        beyond it are spilled to a temporary folder under ``spill_dir`` (see :class:`UserStates`)."""
+        beyond it are spilled to a temporary folder under ``spill_dir`` (see :class:`UserStates`).
+        With ``checkpoint_dir``, checkpoints keep the users' states there, one file per user,
+        and ``state_dict`` holds only their names."""
         self.link = link
         self.user_data = user_data
         self.seed = seed
@@ -161,6 +239,8 @@ class LocalTransport(LinkCharging):
         self.state_memory_mb = state_memory_mb
         self.spill_dir = spill_dir
         self.states = UserStates(len(user_data), int(state_memory_mb * 2 ** 20), spill_dir)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self._manifest: dict[int, str | None] | None = None
         self.round = 0
         self.on_user_done: Callable[[int], None] | None = None
 
@@ -228,10 +308,23 @@ class LocalTransport(LinkCharging):
         return {k: state[k] for k in keys if k in state}
 
     def state_dict(self) -> dict:
-        return {"states": self.states.to_dict()}
+        if self.checkpoint_dir is None:
+            return {"states": self.states.to_dict()}
+        self._manifest = self.states.write_files(self.checkpoint_dir, f"r{self.round}")
+        return {"state_files": dict(self._manifest)}
+
+    def checkpoint_saved(self) -> None:
+        """The checkpoint holding the last ``state_dict`` is on disk: older state files can go."""
+        if self.checkpoint_dir is not None and self._manifest is not None:
+            self.states.prune_files(self.checkpoint_dir, self._manifest)
 
     def load_state_dict(self, state: dict) -> None:
         self.states = UserStates(len(self.user_data), int(self.state_memory_mb * 2 ** 20), self.spill_dir)
+        if "state_files" in state:
+            if self.checkpoint_dir is None:
+                raise RuntimeError("checkpoint: the users' states are in separate files, but no checkpoint folder is set")
+            self.states.load_files(self.checkpoint_dir, state["state_files"])
+            return
         for user, value in state["states"].items():
             self.states[user] = value
         self.states.enforce()

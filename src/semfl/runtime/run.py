@@ -27,6 +27,7 @@ from semfl.runtime.local import LocalTransport
 from semfl.runtime.progress import RunProgress
 
 CHECKPOINT = "checkpoint/state.pt"
+CHECKPOINT_USERS = "checkpoint/users"  # the local transport's per-user states, one file each
 
 
 class RunError(RuntimeError):
@@ -102,7 +103,8 @@ def participants(cfg: Config, round_: int) -> list[int]:
 
 def local_transport(cfg: Config, run: RunContext, user_data, out_dir: Path) -> LocalTransport:
     return LocalTransport(run.link, user_data, cfg.seed, run.device, handlers={},
-                          state_memory_mb=cfg.engine.state_memory_mb, spill_dir=out_dir)
+                          state_memory_mb=cfg.engine.state_memory_mb, spill_dir=out_dir,
+                          checkpoint_dir=Path(out_dir) / CHECKPOINT_USERS if out_dir is not None else None)
 
 
 class Runner:
@@ -182,6 +184,8 @@ class Runner:
                 self._append(new_rows)
                 save_checkpoint(self.out / CHECKPOINT, {"round": round_, "method": method.state_dict(),
                                                         "transport": transport.state_dict(), "wall_s": wall})
+                if hasattr(transport, "checkpoint_saved"):
+                    transport.checkpoint_saved()
                 self.progress.end_round(round_, new_rows[0])
             self.log("finishing: figures and report")
             seeding.enter(self.cfg.seed, "finish")
