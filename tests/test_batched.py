@@ -218,7 +218,7 @@ def test_bench_quick_smoke(fmnist_root, tmp_path):
     from semfl.cli import main
 
     out = tmp_path / "results"
-    code = main(["bench", "--quick", "--only", "overhead,vmap", "--repeats", "1", "--out", str(out),
+    code = main(["bench", "--quick", "--only", "overhead,vmap,scaling-psfl", "--repeats", "1", "--out", str(out),
                  "--set", f"data.root={fmnist_root}", "--set", "data.download=false",
                  "--set", f"classifier.cache_dir={tmp_path / 'cache'}"])
     assert code == 0
@@ -228,6 +228,11 @@ def test_bench_quick_smoke(fmnist_root, tmp_path):
     assert fedavg["overhead_ratio"] > 0 and fedavg["plain_s"] and fedavg["engine_s"]
     assert result["vmap"]["on"]["median_s"] > 0
     assert "Overhead ratio" in (out / "bench-cpu-quick.md").read_text()
+    psfl = {(p["state_memory_mb"], p["users"]): p for p in result["scaling_psfl"]}
+    assert set(psfl) == {(0, 3), (0, 9), (64, 3), (64, 9)}
+    assert all(p["round_s"] > 0 and p["peak_rss_rounds_mb"] >= p["rss_before_rounds_mb"] for p in psfl.values())
+    assert "Scaling with per-user state" in (out / "bench-cpu-quick.md").read_text()
+    assert main(["bench", "--only", "nonsense"]) == 2
 
 
 def test_bench_flower_table_lists_every_workload():

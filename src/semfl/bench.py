@@ -82,7 +82,10 @@ def engine_rounds(cfg, run, user_data, ckpt_dir: Path) -> float:
 
     run.link.transfers.clear()
     seeding.enter(cfg.seed, "init")
-    transport = LocalTransport(run.link, user_data, cfg.seed, run.device, handlers={})
+    # as the runner builds it: the per-user state cap, spills and per-user checkpoint files
+    transport = LocalTransport(run.link, user_data, cfg.seed, run.device, handlers={},
+                               state_memory_mb=cfg.engine.state_memory_mb, spill_dir=ckpt_dir,
+                               checkpoint_dir=ckpt_dir / "users")
     method = get_method(cfg.method)(run, transport)
     transport.handlers = method.handlers()
     _sync(run.device)
@@ -95,6 +98,7 @@ def engine_rounds(cfg, run, user_data, ckpt_dir: Path) -> float:
         round_totals(run.link.drain(round_), cfg.link.eta)
         save_checkpoint(ckpt_dir / "state.pt", {"round": round_, "method": method.state_dict(),
                                                 "transport": transport.state_dict()})
+        transport.checkpoint_saved()
     _sync(run.device)
     return time.perf_counter() - tic
 
@@ -260,6 +264,7 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+PSFL_STATE_CAP_MB = 64  # the cap of the PSFL scaling part (each user's mentor + optimiser: 3-16 MB at cpu scale)
 FLOWER_PER_USER = {False: (32, 64, 256), True: (16, 64)}  # samples per user: 1-2 to 8 local batches
 
 
@@ -354,6 +359,15 @@ def markdown(result: dict) -> str:
             lines.append(f"| {s['users']} | {s['round_s']:.2f} | {s['round_s_per_user']:.3f} | {s['rss_before_rounds_mb']:.0f} | "
                          f"{s['peak_rss_rounds_mb']:.0f} | {s['rss_growth_rounds_mb']:.1f} | {s['user_data_mb']:.1f} |")
         lines.append("")
+    if result.get("scaling_psfl"):
+        lines += ["## Scaling with per-user state (PSFL: a mentor and its optimiser per user)", "",
+                  "| users | state cap (MB) | round (s) | round / user (s) | RSS before rounds (MB) | "
+                  "peak RSS in rounds (MB) | growth in rounds (MB) |", "|---|---|---|---|---|---|---|"]
+        for s in result["scaling_psfl"]:
+            cap = s["state_memory_mb"] or "none"
+            lines.append(f"| {s['users']} | {cap} | {s['round_s']:.2f} | {s['round_s_per_user']:.3f} | "
+                         f"{s['rss_before_rounds_mb']:.0f} | {s['peak_rss_rounds_mb']:.0f} | {s['rss_growth_rounds_mb']:.1f} |")
+        lines.append("")
     if result.get("vmap"):
         v = result["vmap"]
         lines += ["## Batched users (torch.func.vmap), FedAvg", "", "| train.vmap | rounds (s) | per round (s) |",
@@ -371,7 +385,7 @@ def markdown(result: dict) -> str:
 
 
 def bench(device: str = "cpu", quick: bool = False, out: Path = Path("benchmarks/results"),
-          parts: tuple[str, ...] = ("overhead", "flower", "scaling", "vmap", "psfl"), repeats: int = 3,
+          parts: tuple[str, ...] = ("overhead", "flower", "scaling", "scaling-psfl", "vmap", "psfl"), repeats: int = 3,
           log=print, sets: list[str] | None = None, merge: bool = False) -> dict:
     import torch
 
@@ -401,6 +415,11 @@ def bench(device: str = "cpu", quick: bool = False, out: Path = Path("benchmarks
                     *sum((["--set", s] for s in workload(quick, device, "fedavg", users=k,
                                                           per_user=32 if quick else 64, rounds=2)), [])], 1800)
             for k in ((3, 9) if quick else (9, 27, 81))]),
+        "scaling-psfl": lambda: result.__setitem__("scaling_psfl", [
+            {"state_memory_mb": cap, **_child(["-m", "semfl.bench", "--scaling-point", *sum(
+                (["--set", s] for s in workload(quick, device, "psfl", users=k, per_user=16 if quick else 32, rounds=2,
+                                                extra=[f"engine.state_memory_mb={cap}"])), [])], 1800)}
+            for cap in (0, PSFL_STATE_CAP_MB) for k in ((3, 9) if quick else (9, 27, 81))]),
     }
     out.mkdir(parents=True, exist_ok=True)
     for name in parts:
@@ -423,7 +442,12 @@ def bench(device: str = "cpu", quick: bool = False, out: Path = Path("benchmarks
 
 
 def cmd_bench(args) -> int:
-    parts = tuple(args.only.split(",")) if args.only else ("overhead", "flower", "scaling", "vmap", "psfl")
+    parts = tuple(args.only.split(",")) if args.only else ("overhead", "flower", "scaling", "scaling-psfl", "vmap", "psfl")
+    unknown = [p for p in parts if p not in ("overhead", "flower", "scaling", "scaling-psfl", "vmap", "psfl")]
+    if unknown:
+        print(f"semfl: error: --only: unknown part {unknown[0]!r} (parts: overhead, flower, scaling, scaling-psfl, "
+              "vmap, psfl)", file=sys.stderr)
+        return 2
     result = bench(args.device, args.quick, Path(args.out), parts, args.repeats, sets=args.set, merge=bool(args.only))
     print(markdown(result))
     return 0 if not result["errors"] else 1
@@ -434,7 +458,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--quick", action="store_true", help="tiny models and few users: a smoke run in seconds")
     p.add_argument("--out", default="benchmarks/results", help="folder for bench-<device>.json/.md")
-    p.add_argument("--only", default="", help="comma-separated parts: overhead,flower,scaling,vmap,psfl "
+    p.add_argument("--only", default="", help="comma-separated parts: overhead,flower,scaling,scaling-psfl,vmap,psfl "
                                               "(merged into an existing result file of the same device)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of each timed loop (median reported)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
