@@ -20,20 +20,22 @@ def test_public_pool_holds_only_images_no_user_has():
     assert np.all(np.diff(pool) > 0)
     assert np.array_equal(pool, foundation.public_pool(12, parts, 5, seed=0))
     assert set(foundation.public_pool(12, parts, 6, seed=0).tolist()) == {4, 6, 7, 8, 10, 11}
-    with pytest.raises(ConfigError, match=r"^psfl.foundation_samples: 7 requested, but only 6"):
+    with pytest.raises(ConfigError, match=r"^foundation.samples: 7 requested, but only 6"):
         foundation.public_pool(12, parts, 7, seed=0)
 
 
 def test_foundation_options_are_checked():
-    with pytest.raises(ConfigError, match=r"^psfl.foundation"):
-        load_config(None, ["method=psfl", "psfl.foundation_samples=-1"])
+    with pytest.raises(ConfigError, match=r"^foundation: samples and epochs must be >= 0"):
+        load_config(None, ["method=psfl", "foundation.samples=-1"])
+    with pytest.raises(ConfigError, match=r"^foundation.global_model: needs foundation.samples > 0"):
+        load_config(None, ["method=fedavg", "foundation.global_model=true"])
 
 
 @pytest.fixture
 def tiny_run(fmnist_root, tmp_path):
     overrides = [f"data.root={fmnist_root}", f"classifier.cache_dir={tmp_path / 'cache'}", "scale=tiny",
                  "data.download=false", "data.test_samples=100", "classifier.epochs=3", "method=psfl", "users=3",
-                 "data.user_fraction=0.2", "psfl.foundation_samples=300", "psfl.foundation_epochs=4"]
+                 "data.user_fraction=0.2", "foundation.samples=300", "foundation.epochs=4"]
     cfg = load_config(None, overrides)
     run, _ = build_context(cfg, None, log=lambda m: None)
     return cfg, run, tmp_path
@@ -41,12 +43,11 @@ def tiny_run(fmnist_root, tmp_path):
 
 def test_foundation_learns_is_cached_and_reloaded(tiny_run):
     cfg, run, tmp = tiny_run
-    options = cfg.table("psfl")
     foundation._MEMO.clear()
     torch.manual_seed(123)
     untrained = build_semantic_model(run, "gsc-m")
     before = evaluate_semantic(untrained, run.classifier, run.test_x, run.test_y, 10.0, 50)
-    weights = foundation.foundation_weights(run, "gsc-m", options, lambda: build_semantic_model(run, "gsc-m"))
+    weights = foundation.foundation_weights(run, "gsc-m", lambda: build_semantic_model(run, "gsc-m"))
     cached = list((tmp / "cache").glob("foundation-*gsc-m*.pt"))
     assert len(cached) == 1 and "n300-e4" in cached[0].name
     model = build_semantic_model(run, "gsc-m")
@@ -55,13 +56,13 @@ def test_foundation_learns_is_cached_and_reloaded(tiny_run):
     assert after["mse"] < 0.7 * before["mse"]  # it learnt to reconstruct images it never saw
 
     foundation._MEMO.clear()  # a new process: the weights come back from the cache, bit for bit
-    again = foundation.foundation_weights(run, "gsc-m", options, lambda: build_semantic_model(run, "gsc-m"))
+    again = foundation.foundation_weights(run, "gsc-m", lambda: build_semantic_model(run, "gsc-m"))
     assert again.keys() == weights.keys() and all(torch.equal(again[k], weights[k]) for k in weights)
 
     cached[0].write_bytes(b"torn")
     foundation._MEMO.clear()
     with pytest.raises(RuntimeError, match="foundation mentor cache .* is unreadable"):
-        foundation.foundation_weights(run, "gsc-m", options, lambda: build_semantic_model(run, "gsc-m"))
+        foundation.foundation_weights(run, "gsc-m", lambda: build_semantic_model(run, "gsc-m"))
 
 
 def test_psfl_mentors_start_from_the_foundation(tiny_run):
@@ -75,5 +76,22 @@ def test_psfl_mentors_start_from_the_foundation(tiny_run):
         user, x = 0, run.data.train_x[:8]
 
     start = method._init_mentor(Ctx(), "gsc-m")
-    expected = foundation.foundation_weights(run, "gsc-m", method.options, lambda: build_semantic_model(run, "gsc-m"))
+    expected = foundation.foundation_weights(run, "gsc-m", lambda: build_semantic_model(run, "gsc-m"))
     assert all(torch.equal(start[k], expected[k]) for k in expected)
+
+
+def test_global_model_from_the_foundation_only_when_asked(fmnist_root, tmp_path):
+    from semfl.methods.fedavg import FedAvg
+
+    overrides = [f"data.root={fmnist_root}", f"classifier.cache_dir={tmp_path / 'cache'}", "scale=tiny",
+                 "data.download=false", "data.test_samples=50", "classifier.epochs=2", "method=fedavg", "users=2",
+                 "model.arch=gsc-m", "data.user_fraction=0.2", "foundation.samples=200", "foundation.epochs=1"]
+    cfg = load_config(None, overrides + ["foundation.global_model=true"])
+    run, _ = build_context(cfg, None, log=lambda m: None)
+    foundation._MEMO.clear()
+    pretrained = FedAvg(run, transport=None).global_weights
+    expected = foundation.foundation_weights(run, "gsc-m", lambda: build_semantic_model(run, "gsc-m"))
+    assert all(torch.equal(pretrained[k], expected[k]) for k in expected)
+    run.cfg = load_config(None, overrides)  # samples set, global_model off: a random start, as before
+    scratch = FedAvg(run, transport=None).global_weights
+    assert not all(torch.equal(scratch[k], expected[k]) for k in expected)

@@ -89,8 +89,11 @@ def test_shipped_sweeps_expand_to_valid_configs(name):
             assert cfg.model.arch == "gsc-m"
     if name == "sweep-study":
         assert {p.variant for p in sweep.points} == {"psfl", "psfl-no-pld", "psfl-no-agp", "fedavg", "stc", "fttq",
-                                                     "fedpaq"}
-        assert len(sweep.points) == 14
+                                                     "fedpaq", "fedavg-foundation"}
+        assert len(sweep.points) == 16
+        control = [p.config() for p in sweep.points if p.variant == "fedavg-foundation"]
+        assert all(c.method == "fedavg" and c.table("foundation").global_model for c in control)
+        assert not any(p.config().table("foundation").global_model for p in sweep.points if p.variant == "fedavg")
 
 
 @pytest.fixture
@@ -223,7 +226,7 @@ name = "jobs"
 seed = [0, 1]
 [sweep.variants]
 "fedavg" = ["method=fedavg"]
-"bad" = ["method=psfl", "psfl.foundation_samples=100000"]  # fails inside the worker, at mentor set-up
+"bad" = ["method=psfl", "foundation.samples=100000"]  # fails inside the worker, at mentor set-up
 """)
     overrides = tiny_overrides + ["users=2", "rounds=2", "eval.snr_sweep=[]", "eval.grid_images=0"]
     # same thread count on both sides: metrics are bit-identical only for equal thread counts
@@ -241,7 +244,7 @@ seed = [0, 1]
     assert status == {"fedavg__s0": "finished", "fedavg__s1": "finished", "bad__s0": "failed", "bad__s1": "failed"}
     assert all(p["wall_s"] > 0 for p in doc["points"] if p["status"] == "finished")
     bad = next(p for p in doc["points"] if p["label"] == "bad__s0")
-    assert "psfl.foundation_samples: 100000 requested" in bad["error"]
+    assert "foundation.samples: 100000 requested" in bad["error"]
     assert "Traceback" in (tmp_path / "par" / "bad__s0" / "sweep_error.txt").read_text()
     for label in ("fedavg__s0", "fedavg__s1"):
         def quality(root):

@@ -9,7 +9,10 @@ image, decoder — on PLD's task loss (eq 19: MSE + ce_weight * CE of the frozen
 The result is cached like the classifier (every input that changes the weights is in the key),
 so a sweep pays for it once per architecture and seed.
 
-Off by default (`psfl.foundation_samples = 0`); the cpu PSFL configs turn it on.
+Config table ``[foundation]``: off by default (``samples = 0``). With ``samples > 0`` PSFL's
+mentors start from it; with ``global_model = true`` too, every FedAvg-family method (PSFL's
+student, FedAvg, STC, FTTQ, FedPAQ, top-k) starts its federated model from the foundation of that
+model's architecture (a fairness control: are the contenders behind only for lack of pretraining?).
 """
 from __future__ import annotations
 
@@ -20,12 +23,33 @@ from typing import Callable
 import numpy as np
 import torch
 
-from semfl.config import ConfigError
+from dataclasses import dataclass
+
+from semfl.config import ConfigError, register_table
 from semfl.runtime import seeding
 from semfl.runtime.checkpoint import atomic_write, cache_lock
 from semfl.training import batches, clip_gradients, reconstruction_loss
 
 _MEMO: dict[str, dict[str, torch.Tensor]] = {}
+
+
+@dataclass
+class FoundationOptions:
+    samples: int = 0  # public images (training images no user holds); 0 = no foundation models
+    epochs: int = 5
+    lr: float = 2e-3  # Adam
+    ce_weight: float = 0.01  # weight of the frozen classifier's CE in the loss (eq 19's task loss)
+    global_model: bool = False  # the federated model starts from the foundation too (FedAvg family)
+
+    def validate(self, cfg) -> None:
+        if self.samples < 0 or self.epochs < 0 or self.lr <= 0 or self.ce_weight < 0:
+            raise ConfigError("foundation: samples and epochs must be >= 0, lr > 0 and ce_weight >= 0, got "
+                              f"samples={self.samples}, epochs={self.epochs}, lr={self.lr}, ce_weight={self.ce_weight}")
+        if self.global_model and not self.samples:
+            raise ConfigError("foundation.global_model: needs foundation.samples > 0 (the public images to pretrain on)")
+
+
+register_table("foundation", FoundationOptions)
 
 
 def public_pool(num_train: int, parts: list, samples: int, seed: int) -> np.ndarray:
@@ -35,13 +59,13 @@ def public_pool(num_train: int, parts: list, samples: int, seed: int) -> np.ndar
         held[np.asarray(part, dtype=np.int64)] = True
     free = np.flatnonzero(~held)
     if samples > len(free):
-        raise ConfigError(f"psfl.foundation_samples: {samples} requested, but only {len(free)} training images "
+        raise ConfigError(f"foundation.samples: {samples} requested, but only {len(free)} training images "
                           "are held by no user (lower it, or give users a smaller data.user_fraction)")
     rng = seeding.numpy_rng(seed, "foundation-pool")
     return np.sort(rng.choice(free, samples, replace=False))
 
 
-def _key(arch: str, run, options, pool: np.ndarray) -> str:
+def _key(arch: str, run, options: FoundationOptions, pool: np.ndarray) -> str:
     """Cache file name: every input that changes the pretrained weights (the model and channel
     settings, the classifier whose CE is in the loss, the pool) is in it or in its digest."""
     cfg = run.cfg
@@ -49,8 +73,8 @@ def _key(arch: str, run, options, pool: np.ndarray) -> str:
     digest.update(repr((cfg.model.semantic_dim, cfg.model.symbols_per_token, cfg.channel)).encode())
     for p in run.classifier.parameters():
         digest.update(p.detach().cpu().numpy().tobytes())
-    return (f"foundation-{cfg.dataset}-{arch}-{cfg.scale}-n{len(pool)}-e{options.foundation_epochs}"
-            f"-lr{options.foundation_lr:g}-b{cfg.train.batch_size}-ce{options.ce_weight:g}"
+    return (f"foundation-{cfg.dataset}-{arch}-{cfg.scale}-n{len(pool)}-e{options.epochs}"
+            f"-lr{options.lr:g}-b{cfg.train.batch_size}-ce{options.ce_weight:g}"
             f"-snr{cfg.link.snr_min_db:g}_{cfg.link.snr_max_db:g}-s{cfg.seed}-{digest.hexdigest()[:12]}.pt")
 
 
@@ -81,12 +105,13 @@ def train_foundation(model: torch.nn.Module, images: torch.Tensor, labels: torch
     return history
 
 
-def foundation_weights(run, arch: str, options, build: Callable[[], torch.nn.Module]) -> dict[str, torch.Tensor]:
+def foundation_weights(run, arch: str, build: Callable[[], torch.nn.Module]) -> dict[str, torch.Tensor]:
     """The pretrained weights of `arch` (CPU tensors): from this process, the cache, or trained now."""
     from semfl.models.classifier import run_cache_dir
 
     cfg = run.cfg
-    pool = public_pool(len(run.data.train_y), run.parts, options.foundation_samples, cfg.seed)
+    options: FoundationOptions = cfg.table("foundation")
+    pool = public_pool(len(run.data.train_y), run.parts, options.samples, cfg.seed)
     key = _key(arch, run, options, pool)
     if key in _MEMO:
         return _MEMO[key]
@@ -101,7 +126,7 @@ def foundation_weights(run, arch: str, options, build: Callable[[], torch.nn.Mod
     return weights
 
 
-def _load_or_train(run, arch: str, options, pool: np.ndarray, path: Path, model: torch.nn.Module) -> dict:
+def _load_or_train(run, arch: str, options: FoundationOptions, pool: np.ndarray, path: Path, model: torch.nn.Module) -> dict:
     cfg = run.cfg
     if path.is_file():
         try:
@@ -113,14 +138,25 @@ def _load_or_train(run, arch: str, options, pool: np.ndarray, path: Path, model:
         index = torch.from_numpy(pool)
         images = run.data.train_x[index].to(run.device)
         labels = run.data.train_y[index].to(run.device)
-        run.log(f"foundation {arch}: pretraining on {len(pool)} public images for {options.foundation_epochs} epochs")
+        run.log(f"foundation {arch}: pretraining on {len(pool)} public images for {options.epochs} epochs")
         history = train_foundation(
-            model, images, labels, run.classifier, epochs=options.foundation_epochs, lr=options.foundation_lr,
+            model, images, labels, run.classifier, epochs=options.epochs, lr=options.lr,
             batch_size=cfg.train.batch_size, ce_weight=options.ce_weight,
             snr_range=(cfg.link.snr_min_db, cfg.link.snr_max_db), seed=seeding.derive_seed(cfg.seed, "foundation", arch),
-            progress=lambda e, loss: run.log(f"foundation {arch}: epoch {e + 1}/{options.foundation_epochs} loss {loss:.4f}"))
+            progress=lambda e, loss: run.log(f"foundation {arch}: epoch {e + 1}/{options.epochs} loss {loss:.4f}"))
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         atomic_write(path, lambda handle: torch.save(state, handle))
         run.log(f"foundation {arch} cached at {path} (final loss {history[-1]:.4f})" if history else
                 f"foundation {arch} cached at {path}")
     return state
+
+
+def start_from_foundation(run, model: torch.nn.Module, arch: str, build: Callable[[], torch.nn.Module]) -> bool:
+    """With ``foundation.global_model``, load the foundation of ``arch`` into the federated ``model``."""
+    options: FoundationOptions = run.cfg.table("foundation")
+    if not (options.global_model and options.samples):
+        return False
+    from semfl.training import load_weights
+
+    load_weights(model, foundation_weights(run, arch, build))
+    return True

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from semfl.codecs import Payload
+from semfl.foundation import start_from_foundation
 from semfl.methods.base import Method, register_method
 from semfl.runtime.local import UserContext
 from semfl.training import RunningAverage, evaluate_semantic, load_weights, local_train, weights_of
@@ -19,6 +20,7 @@ class FedAvg(Method):
     def __init__(self, run, transport):
         super().__init__(run, transport)
         self.model = build_semantic_model(run, self.cfg.model.arch)  # the one working model
+        start_from_foundation(run, self.model, self.cfg.model.arch, lambda: build_semantic_model(run, self.cfg.model.arch))
         self.global_weights = weights_of(self.model)
 
     def handlers(self):

@@ -22,7 +22,7 @@ import torch
 from semfl import pruning
 from semfl.codecs import Payload
 from semfl.config import ConfigError, register_table
-from semfl.foundation import foundation_weights
+from semfl.foundation import foundation_weights, start_from_foundation
 from semfl.methods.base import Method, register_method
 from semfl.methods.common import build_semantic_model, finish_semantic, train_snr
 from semfl.pld import pld_train
@@ -49,11 +49,6 @@ class PSFLOptions:
     sem_weight: float = 1.0  # weight of the semantic loss (23) in the totals; 1 = the paper
     mentor_checkpoint: str = ""  # MAE checkpoint (official key layout) to initialise every mentor
     pretrain_epochs: int = 0  # MAE-pretrain each mentor on its user's data before federated training
-    # foundation mentors (semfl.foundation): each architecture pretrained once on public images
-    # (training images no user holds) before any user personalises it; 0 = off
-    foundation_samples: int = 0
-    foundation_epochs: int = 5
-    foundation_lr: float = 2e-3
     user_eval_samples: int = 500  # test images for each user's mentor/student evaluation
     dp: bool = False
     dp_clip_norm: float = 1.0
@@ -74,8 +69,6 @@ class PSFLOptions:
             raise ConfigError(f"psfl.zeta_max: must be in [0, 1), got {self.zeta_max}")
         if self.prune_scope not in ("global", "layer"):
             raise ConfigError(f"psfl.prune_scope: expected 'global' or 'layer', got {self.prune_scope!r}")
-        if self.foundation_samples < 0 or self.foundation_epochs < 0 or self.foundation_lr <= 0:
-            raise ConfigError("psfl.foundation_samples / foundation_epochs: must be >= 0, psfl.foundation_lr > 0")
         if len(self.mentor_thresholds) != 2 or self.mentor_thresholds[0] > self.mentor_thresholds[1]:
             raise ConfigError("psfl.mentor_thresholds: expected two increasing sizes [M/L, L/H]")
         if self.dp and (self.dp_clip_norm <= 0 or self.dp_noise_multiplier <= 0):
@@ -115,6 +108,7 @@ class PSFL(Method):
         super().__init__(run, transport)
         self.options: PSFLOptions = self.cfg.table("psfl")
         self.student = build_semantic_model(run, self.cfg.model.arch)  # one working student
+        start_from_foundation(run, self.student, self.cfg.model.arch, lambda: build_semantic_model(run, self.cfg.model.arch))
         self.global_weights = weights_of(self.student)
         self.masks: dict[str, torch.Tensor] | None = None
         self.prune_ratio = 0.0
@@ -141,9 +135,8 @@ class PSFL(Method):
 
         torch.manual_seed(seeding.derive_seed(self.cfg.seed, "mentor", ctx.user))
         fresh = build_semantic_model(self.run, arch)
-        if self.options.foundation_samples:
-            load_weights(fresh, foundation_weights(self.run, arch, self.options,
-                                                   lambda: build_semantic_model(self.run, arch)))
+        if self.cfg.table("foundation").samples:  # mentors arrive pretrained (semfl.foundation)
+            load_weights(fresh, foundation_weights(self.run, arch, lambda: build_semantic_model(self.run, arch)))
         if self.options.mentor_checkpoint:
             load_mae_checkpoint(fresh, self.options.mentor_checkpoint, strict_shapes=False)
         if self.options.pretrain_epochs:
