@@ -349,3 +349,32 @@ def test_steps_data_gives_exactly_tau_batches():
     xs, ys = steps_data(x, y, 7, 4, torch.Generator().manual_seed(0))  # 28 samples: 2.8 epochs
     assert len(xs) == 28 and torch.equal(xs[:, 0].long(), ys)
     assert sorted(ys[:10].tolist()) == list(range(10))  # epoch by epoch: the first 10 are a permutation
+
+
+@pytest.mark.parametrize("method", ["fedavg", "stc", "fttq", "fedpaq", "topk"])
+def test_users_report_their_local_models_accuracy_in_evaluated_rounds(context, method):
+    """Per-client local accuracy (PSFL Figs 15-16): the user's locally trained model on the first
+    eval.user_samples test images, only in rounds the runner evaluates."""
+    from semfl.codecs import Payload
+    from semfl.methods.common import build_semantic_model, loss_rows
+    from semfl.training import evaluate_semantic, load_weights
+
+    cfg, m, _, user_data = context(method, ["eval.user_samples=40", "eval.every=2", "rounds=3", *EXTRA.get(method, [])])
+    request = m.payload(m.global_weights) if method == "fttq" else Payload(m.global_weights, codec="dense")
+    for round_, due in ((1, False), (2, True), (3, True)):
+        reply = m.user_train(user_ctx(user_data, {}, round_=round_), request)
+        assert ("eval_accuracy" in reply.meta) is due
+    assert 0.0 <= reply.meta["eval_accuracy"] <= 1.0 and reply.meta["eval_loss"] > 0
+    (row,) = loss_rows({0: reply.meta})
+    assert row["accuracy"] == reply.meta["eval_accuracy"] and row["train_loss"] == reply.meta["loss"]
+    if method == "fedavg":  # the reply is the local model itself: evaluate it independently
+        model = build_semantic_model(m.run, cfg.model.arch)
+        load_weights(model, reply.tensors)
+        expected = evaluate_semantic(model, m.run.classifier, m.run.test_x[:40], m.run.test_y[:40],
+                                     cfg.eval.snr_db, cfg.eval.batch_size)
+        # the channel noise of the two evaluations differs: equal to 1 %, while the global model is far off
+        assert reply.meta["eval_loss"] == pytest.approx(expected["loss"], rel=1e-2)
+        load_weights(model, m.global_weights)
+        before = evaluate_semantic(model, m.run.classifier, m.run.test_x[:40], m.run.test_y[:40],
+                                   cfg.eval.snr_db, cfg.eval.batch_size)
+        assert abs(before["loss"] - expected["loss"]) > 2e-2 * expected["loss"]

@@ -118,19 +118,37 @@ def to_device(tensors: dict | None, device) -> dict | None:
 def send_and_average(transport, users, request, like: dict, weight=None):
     """Send `request` (one payload or one per user) to `users` and average the replies' tensors as
     they arrive (a running sum, not K held updates). weight(reply) -> float gives each reply's
-    weight, by default its sample count (PSFL eq 10). Returns (mean, {user: reported loss})."""
+    weight, by default its sample count (PSFL eq 10). Returns (mean, {user: reply meta})."""
     from semfl.training import RunningAverage
 
     average = RunningAverage()
-    losses = {}
+    metas = {}
 
     def collect(user, reply) -> None:
         average.add(reply.tensors, reply.meta["num_samples"] if weight is None else weight(reply))
-        losses[user] = reply.meta["loss"]
+        metas[user] = reply.meta
 
     transport.send(users, "train", request, on_reply=collect)
-    return average.result(like), losses
+    return average.result(like), metas
 
 
-def loss_rows(losses: dict) -> list[dict]:
-    return [{"user": k, "train_loss": v} for k, v in losses.items()]
+def local_evaluation(run: RunContext, model: nn.Module, ctx) -> dict:
+    """The user's locally trained ``model`` on the first ``eval.user_samples`` test images, in the
+    rounds the runner evaluates (per-client local accuracy, PSFL Figs 15-16), as reply-meta fields
+    ``eval_*``; {} in other rounds or when ``eval.user_samples`` is 0."""
+    from semfl.training import evaluate_semantic
+
+    cfg = run.cfg
+    n = cfg.eval.user_samples
+    if n <= 0 or not (ctx.round % cfg.eval.every == 0 or ctx.round == cfg.rounds):
+        return {}
+    result = evaluate_semantic(model, run.classifier, run.test_x[:n], run.test_y[:n], cfg.eval.snr_db,
+                               cfg.eval.batch_size)
+    return {"eval_accuracy": result["accuracy"], "eval_loss": result["loss"], "eval_psnr_db": result["psnr_db"]}
+
+
+def loss_rows(metas: dict) -> list[dict]:
+    """User rows from the replies' meta: the training loss and, where evaluated, the local model's
+    test accuracy / loss / PSNR."""
+    return [{"user": k, "train_loss": m["loss"], **{name[5:]: v for name, v in m.items() if name.startswith("eval_")}}
+            for k, m in metas.items()]

@@ -24,7 +24,7 @@ from semfl.codecs import Payload
 from semfl.compress import stc_error_accumulation
 from semfl.config import ConfigError, register_table
 from semfl.methods.base import register_method
-from semfl.methods.common import loss_rows, send_and_average, to_cpu, to_device, train_delta
+from semfl.methods.common import local_evaluation, loss_rows, send_and_average, to_cpu, to_device, train_delta
 from semfl.methods.fedavg import FedAvg
 from semfl.runtime.local import UserContext
 
@@ -79,7 +79,8 @@ class STC(FedAvg):
         sent, residual = stc_error_accumulation(delta, to_device(ctx.state.get("residual"), device),
                                                 self.options.sparsity)
         ctx.state["residual"] = to_cpu(residual)
-        return Payload(sent, codec="stc", meta={"num_samples": ctx.num_samples, "loss": loss})
+        return Payload(sent, codec="stc", meta={"num_samples": ctx.num_samples, "loss": loss,
+                                                 **local_evaluation(self.run, self.model, ctx)})
 
     # ------------------------------------------------------------------ base station
     def downlink(self, users: list[int]) -> dict[int, Payload]:

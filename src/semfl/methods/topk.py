@@ -14,7 +14,7 @@ from semfl.codecs import Payload
 from semfl.compress import topk_error_feedback
 from semfl.config import ConfigError, register_table
 from semfl.methods.base import register_method
-from semfl.methods.common import loss_rows, send_and_average, to_cpu, to_device, train_delta
+from semfl.methods.common import local_evaluation, loss_rows, send_and_average, to_cpu, to_device, train_delta
 from semfl.methods.fedavg import FedAvg
 from semfl.runtime.local import UserContext
 
@@ -53,7 +53,8 @@ class TopK(FedAvg):
         sent, residual = topk_error_feedback(delta, to_device(ctx.state.get("residual"), self.run.device),
                                              self.options.fraction, self.options.scope)
         ctx.state["residual"] = to_cpu(residual)
-        return Payload(sent, codec="sparse", meta={"num_samples": ctx.num_samples, "loss": loss})
+        return Payload(sent, codec="sparse", meta={"num_samples": ctx.num_samples, "loss": loss,
+                                                 **local_evaluation(self.run, self.model, ctx)})
 
     def run_round(self, round_: int, users: list[int]) -> dict[str, Any]:
         mean, losses = send_and_average(self.transport, users, Payload(self.global_weights, codec="dense"),
