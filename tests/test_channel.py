@@ -260,3 +260,23 @@ def test_cuda_stays_on_device(kind):
     assert torch.equal(ch(x, 10.0, draw=d), y)
     n = ch.sample(1000, 1000, 10.0, device=x.device).noise
     assert (n.abs() ** 2).mean().item() == pytest.approx(0.1, rel=0.03)
+
+
+def test_preserved_rng_leaves_torch_and_sionna_generators_untouched():
+    from semfl.channel import make_channel, preserved_rng
+    from semfl.config import ChannelConfig
+    from semfl.runtime import seeding
+
+    channel = make_channel(ChannelConfig(kind="awgn"))
+    x = torch.ones(4, 16, dtype=torch.complex64)
+
+    def draws():
+        return channel(x, 5.0), torch.rand(3)
+
+    seeding.enter(7)
+    expected = draws()
+    seeding.enter(7)
+    with preserved_rng("cpu"):
+        channel(x, 0.0), torch.rand(100)  # work that draws from both generators
+    got = draws()
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

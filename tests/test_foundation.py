@@ -95,3 +95,20 @@ def test_global_model_from_the_foundation_only_when_asked(fmnist_root, tmp_path)
     run.cfg = load_config(None, overrides)  # samples set, global_model off: a random start, as before
     scratch = FedAvg(run, transport=None).global_weights
     assert not all(torch.equal(scratch[k], expected[k]) for k in expected)
+
+
+def test_psfl_metrics_do_not_depend_on_whether_the_foundation_was_cached(fmnist_root, tmp_path):
+    from semfl.runtime.checkpoint import read_jsonl
+    from semfl.runtime.run import Runner
+
+    overrides = [f"data.root={fmnist_root}", f"classifier.cache_dir={tmp_path / 'cache'}", "scale=tiny",
+                 "data.download=false", "data.test_samples=50", "classifier.epochs=2", "method=psfl", "users=2",
+                 "rounds=2", "data.user_fraction=0.2", "foundation.samples=100", "foundation.epochs=1",
+                 "eval.snr_sweep=[]", "eval.grid_images=0", "psfl.user_eval_samples=20"]
+    rows = []
+    for name in ("trains-it", "loads-it"):
+        foundation._MEMO.clear()  # as in a new process
+        Runner(load_config(None, overrides), tmp_path / name, show_progress=False, log=lambda m: None).execute()
+        rows.append([{k: v for k, v in r.items() if k != "wall_s"} for r in read_jsonl(tmp_path / name / "metrics.jsonl")])
+    assert len(list((tmp_path / "cache").glob("foundation-*.pt"))) == 2  # GSC-M and GSC-L, trained once
+    assert rows[0] == rows[1]

@@ -25,6 +25,7 @@ import torch
 
 from dataclasses import dataclass
 
+from semfl.channel import preserved_rng
 from semfl.config import ConfigError, register_table
 from semfl.runtime import seeding
 from semfl.runtime.checkpoint import atomic_write, cache_lock
@@ -116,10 +117,12 @@ def foundation_weights(run, arch: str, build: Callable[[], torch.nn.Module]) -> 
     if key in _MEMO:
         return _MEMO[key]
     path = Path(run_cache_dir(cfg)) / key
-    torch.manual_seed(seeding.derive_seed(cfg.seed, "foundation-init", arch))
-    model = build()
-    with cache_lock(path):
-        state = _load_or_train(run, arch, options, pool, path, model)
+    # the run's random streams must not depend on whether the foundation came from the cache
+    with preserved_rng(run.device):
+        torch.manual_seed(seeding.derive_seed(cfg.seed, "foundation-init", arch))
+        model = build()
+        with cache_lock(path):
+            state = _load_or_train(run, arch, options, pool, path, model)
     model.load_state_dict(state)
     weights = {k: p.detach().cpu().clone() for k, p in model.named_parameters()}
     _MEMO[key] = weights

@@ -46,6 +46,7 @@ call costs a couple of elementwise ops and one random draw. ``import sionna.phy`
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +118,21 @@ def seed_channels(seed: int) -> None:
     (``cpu``, ``cuda:0``, ...) gets ``seed + i``.
     """
     _sionna.config.seed = int(seed)
+
+
+@contextmanager
+def preserved_rng(device: torch.device | str = "cpu"):
+    """Run a block without moving torch's or Sionna's generators: afterwards both are where they
+    were, so one-off work (e.g. pretraining a cached model) cannot shift a run's random streams."""
+    device = torch.device(device)
+    name = _sionna_device(device)
+    state = _sionna.config.torch_rng(name).get_state()
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            _sionna.config.torch_rng(name).set_state(state)
 
 
 @dataclass
