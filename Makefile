@@ -45,7 +45,8 @@ test-slow: setup-test
 	$(BIN)/python -m pytest -q -m slow
 
 bench: setup
-	$(BIN)/semfl bench $(ARGS)
+	$(BIN)/pip install --quiet -e '.[flower]'  # Ray: Flower's simulation engine, the baseline
+	OMP_NUM_THREADS=1 $(BIN)/semfl bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs
