@@ -17,13 +17,13 @@ model's architecture (a fairness control: are the contenders behind only for lac
 from __future__ import annotations
 
 import hashlib
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-
-from dataclasses import dataclass
 
 from semfl.channel import preserved_rng
 from semfl.config import ConfigError, register_table
@@ -32,6 +32,18 @@ from semfl.runtime.checkpoint import atomic_write, cache_lock
 from semfl.training import batches, clip_gradients, reconstruction_loss
 
 _MEMO: dict[str, dict[str, torch.Tensor]] = {}
+_CLASSIFIER_DIGESTS: "weakref.WeakKeyDictionary[torch.nn.Module, bytes]" = weakref.WeakKeyDictionary()
+
+
+def _classifier_digest(classifier: torch.nn.Module) -> bytes:
+    """A digest of the frozen classifier's weights, computed once per classifier (every user's
+    mentor asks for its foundation, and a paper-scale classifier is tens of millions of weights)."""
+    if classifier not in _CLASSIFIER_DIGESTS:
+        digest = hashlib.sha256()
+        for p in classifier.parameters():
+            digest.update(p.detach().cpu().numpy().tobytes())
+        _CLASSIFIER_DIGESTS[classifier] = digest.digest()
+    return _CLASSIFIER_DIGESTS[classifier]
 
 
 @dataclass
@@ -72,8 +84,7 @@ def _key(arch: str, run, options: FoundationOptions, pool: np.ndarray) -> str:
     cfg = run.cfg
     digest = hashlib.sha256(pool.astype(np.int64).tobytes())
     digest.update(repr((cfg.model.semantic_dim, cfg.model.symbols_per_token, cfg.channel)).encode())
-    for p in run.classifier.parameters():
-        digest.update(p.detach().cpu().numpy().tobytes())
+    digest.update(_classifier_digest(run.classifier))
     return (f"foundation-{cfg.dataset}-{arch}-{cfg.scale}-n{len(pool)}-e{options.epochs}"
             f"-lr{options.lr:g}-b{cfg.train.batch_size}-ce{options.ce_weight:g}"
             f"-snr{cfg.link.snr_min_db:g}_{cfg.link.snr_max_db:g}-s{cfg.seed}-{digest.hexdigest()[:12]}.pt")
