@@ -218,7 +218,7 @@ def test_bench_quick_smoke(fmnist_root, tmp_path):
     from semfl.cli import main
 
     out = tmp_path / "results"
-    code = main(["bench", "--quick", "--only", "overhead,vmap,scaling-psfl", "--repeats", "1", "--out", str(out),
+    code = main(["bench", "--quick", "--only", "overhead,vmap,precision,scaling-psfl", "--repeats", "1", "--out", str(out),
                  "--set", f"data.root={fmnist_root}", "--set", "data.download=false",
                  "--set", f"classifier.cache_dir={tmp_path / 'cache'}"])
     assert code == 0
@@ -227,6 +227,11 @@ def test_bench_quick_smoke(fmnist_root, tmp_path):
     (fedavg,) = result["overhead"]
     assert fedavg["overhead_ratio"] > 0 and fedavg["plain_s"] and fedavg["engine_s"]
     assert result["vmap"]["on"]["median_s"] > 0
+    assert [c["method"] for c in result["precision"]] == ["fedavg", "psfl"]
+    assert all(c["bf16"]["median_s"] > 0 and c["speedup_bf16_vs_fp32"] > 0 for c in result["precision"])
+    assert len(result["precision"][0]["epoch_losses"]["bf16"]) == 4
+    assert 0 < result["precision"][0]["max_relative_loss_gap"] < 0.1
+    assert "Training precision" in (out / "bench-cpu-quick.md").read_text()
     assert "Overhead ratio" in (out / "bench-cpu-quick.md").read_text()
     psfl = {(p["state_memory_mb"], p["users"]): p for p in result["scaling_psfl"]}
     assert set(psfl) == {(0, 3), (0, 9), (64, 3), (64, 9)}

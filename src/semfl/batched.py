@@ -46,6 +46,8 @@ def supported(model: nn.Module, cfg: TrainConfig) -> str | None:
     """None if ``train_users_vmap`` can train this model with this config, else the reason."""
     if cfg.optimizer != "sgd":
         return f"train.optimizer={cfg.optimizer!r} (batched training implements SGD only)"
+    if cfg.precision != "fp32":
+        return f"train.precision={cfg.precision!r} (batched training is fp32)"
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
             return "the model has BatchNorm running statistics"

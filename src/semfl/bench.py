@@ -19,6 +19,7 @@ Measures (each result records the machine: CPU model, cores, torch version, thre
 * **scaling**: round time and peak resident memory with 9, 27, 81 users at fixed data per user,
   each in a fresh subprocess.
 * **vmap**: FedAvg rounds with ``train.vmap`` off and on.
+* **precision**: FedAvg and PSFL rounds with ``train.precision`` fp32 and bf16 (autocast).
 
 Results: ``<out>/bench-<device>[-quick].json`` and ``.md``.
 """
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+PARTS = ("overhead", "flower", "scaling", "scaling-psfl", "vmap", "precision", "psfl")
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -109,7 +111,7 @@ def plain_fedavg(cfg, run, user_data) -> float:
     import torch
 
     from semfl.methods.common import build_semantic_model
-    from semfl.training import batches, make_optimizer, reconstruction_loss, snr_tensor
+    from semfl.training import autocast, batches, make_optimizer, reconstruction_loss, snr_tensor
 
     model = build_semantic_model(run, cfg.model.arch)
     model.train()
@@ -123,8 +125,10 @@ def plain_fedavg(cfg, run, user_data) -> float:
             for _ in range(cfg.train.local_epochs):
                 for idx in batches(len(x), cfg.train.batch_size, gen):
                     images, labels = x[idx], y[idx]
-                    out = model(images, snr_tensor(snr, len(idx), images.device))
-                    loss, _ = reconstruction_loss(out.recon, images, labels, run.classifier, cfg.train.task_weight)
+                    with autocast(cfg.train.precision, images.device):
+                        out = model(images, snr_tensor(snr, len(idx), images.device))
+                        loss, _ = reconstruction_loss(out.recon, images, labels, run.classifier,
+                                                      cfg.train.task_weight)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -160,7 +164,7 @@ def plain_psfl(cfg, run, user_data) -> float:
             for _ in range(cfg.train.local_epochs):
                 for idx in batches(len(x), cfg.train.batch_size, gen):
                     pld_step(mentors[user], student, mentor_opts[user], student_opt, x[idx], y[idx],
-                             run.classifier, snr, None, cfg.train.grad_clip)
+                             run.classifier, snr, None, cfg.train.grad_clip, precision=cfg.train.precision)
     _sync(run.device)
     return time.perf_counter() - tic
 
@@ -202,16 +206,49 @@ def overhead(quick: bool, device: str, method: str, repeats: int) -> dict:
             "overhead_ratio_min": min(ew) / min(pw), "overhead_ratio_cpu": med(ec) / med(pc)}
 
 
-def vmap_compare(quick: bool, device: str, repeats: int) -> dict:
-    out = {}
-    for mode in ("off", "on"):
-        cfg, run, user_data = _context(workload(quick, device, "fedavg", extra=[f"train.vmap={mode}"]))
+def setting_compare(quick: bool, device: str, repeats: int, key: str, values: tuple[str, str],
+                    method: str = "fedavg") -> dict:
+    """Engine rounds of one workload with ``key`` set to each of two values, side by side; the
+    speed-up is the first value's median time ÷ the second's."""
+    out: dict = {"method": method, "key": key}
+    for value in values:
+        cfg, run, user_data = _context(workload(quick, device, method, extra=[f"{key}={value}"]))
         with tempfile.TemporaryDirectory() as tmp:
             times = [engine_rounds(cfg, run, user_data, Path(tmp)) for _ in range(repeats)]
-        out[mode] = {"engine_s": times, "median_s": statistics.median(times),
-                     "round_s": statistics.median(times) / cfg.rounds}
-    out["speedup_on_vs_off"] = out["off"]["median_s"] / out["on"]["median_s"]
+        out[value] = {"engine_s": times, "median_s": statistics.median(times),
+                      "round_s": statistics.median(times) / cfg.rounds}
+    out[f"speedup_{values[1]}_vs_{values[0]}"] = out[values[0]]["median_s"] / out[values[1]]["median_s"]
     return out
+
+
+def vmap_compare(quick: bool, device: str, repeats: int) -> dict:
+    return setting_compare(quick, device, repeats, "train.vmap", ("off", "on"))
+
+
+def precision_compare(quick: bool, device: str, repeats: int) -> list[dict]:
+    """FedAvg and PSFL rounds in fp32 and with bf16 autocast (train.precision), and what bf16 does
+    to the numbers: user 0's training loss per local epoch from the same start in both."""
+    out = [setting_compare(quick, device, repeats, "train.precision", ("fp32", "bf16"), method)
+           for method in ("fedavg", "psfl")]
+    out[0]["epoch_losses"] = {p: local_losses(quick, device, p) for p in ("fp32", "bf16")}
+    fp32, bf16 = out[0]["epoch_losses"]["fp32"], out[0]["epoch_losses"]["bf16"]
+    out[0]["max_relative_loss_gap"] = max(abs(a - b) / a for a, b in zip(fp32, bf16))
+    return out
+
+
+def local_losses(quick: bool, device: str, precision: str, epochs: int = 4) -> list[float]:
+    import torch
+
+    from semfl.methods.common import build_semantic_model
+    from semfl.runtime import seeding
+    from semfl.training import local_train
+
+    cfg, run, user_data = _context(workload(quick, device, "fedavg", extra=[f"train.precision={precision}"]))
+    seeding.enter(cfg.seed, "init")
+    model = build_semantic_model(run, cfg.model.arch)
+    gen = torch.Generator().manual_seed(0)
+    x, y = user_data[0]
+    return [local_train(model, x, y, cfg.train, run.link.snr_db(1, 0), run.classifier, gen) for _ in range(epochs)]
 
 
 # ----------------------------------------------------------------------------- subprocess points
@@ -375,6 +412,19 @@ def markdown(result: dict) -> str:
                   f"| off | {v['off']['median_s']:.2f} | {v['off']['round_s']:.2f} |",
                   f"| on | {v['on']['median_s']:.2f} | {v['on']['round_s']:.2f} |",
                   f"| speed-up on/off | {v['speedup_on_vs_off']:.2f}× | |", ""]
+    if result.get("precision"):
+        lines += ["## Training precision (train.precision: fp32 vs bf16 autocast)", "",
+                  "| method | fp32 rounds (s) | bf16 rounds (s) | **speed-up bf16/fp32** |", "|---|---|---|---|"]
+        for c in result["precision"]:
+            lines.append(f"| {c['method']} | {c['fp32']['median_s']:.2f} | {c['bf16']['median_s']:.2f} | "
+                         f"**{c['speedup_bf16_vs_fp32']:.2f}×** |")
+        losses = result["precision"][0].get("epoch_losses")
+        if losses:
+            lines += ["", "FedAvg, user 0 from the same start, training loss per local epoch: fp32 "
+                      + ", ".join(f"{v:.4f}" for v in losses["fp32"]) + "; bf16 "
+                      + ", ".join(f"{v:.4f}" for v in losses["bf16"])
+                      + f" (largest relative gap {result['precision'][0]['max_relative_loss_gap']:.2%})."]
+        lines.append("")
     if result.get("measured"):
         lines += ["Load average (1 min) when each part started / ended: " + "; ".join(
             f"{k} {v['load_avg_start'][0]:.2f} / {v.get('load_avg_end', [float('nan')])[0]:.2f} ({v['time_utc']})"
@@ -385,7 +435,7 @@ def markdown(result: dict) -> str:
 
 
 def bench(device: str = "cpu", quick: bool = False, out: Path = Path("benchmarks/results"),
-          parts: tuple[str, ...] = ("overhead", "flower", "scaling", "scaling-psfl", "vmap", "psfl"), repeats: int = 3,
+          parts: tuple[str, ...] = PARTS, repeats: int = 3,
           log=print, sets: list[str] | None = None, merge: bool = False) -> dict:
     import torch
 
@@ -409,6 +459,7 @@ def bench(device: str = "cpu", quick: bool = False, out: Path = Path("benchmarks
         "overhead": lambda: result["overhead"].append(overhead(quick, device, "fedavg", repeats)),
         "psfl": lambda: result["overhead"].append(overhead(quick, device, "psfl", max(1, repeats - 1))),
         "vmap": lambda: result.__setitem__("vmap", vmap_compare(quick, device, max(1, repeats - 1))),
+        "precision": lambda: result.__setitem__("precision", precision_compare(quick, device, max(1, repeats - 1))),
         "flower": lambda: result.__setitem__("flower", flower_compare(quick, device, repeats, 600 if quick else 1800)),
         "scaling": lambda: result.__setitem__("scaling", [
             _child(["-m", "semfl.bench", "--scaling-point",
@@ -442,11 +493,10 @@ def bench(device: str = "cpu", quick: bool = False, out: Path = Path("benchmarks
 
 
 def cmd_bench(args) -> int:
-    parts = tuple(args.only.split(",")) if args.only else ("overhead", "flower", "scaling", "scaling-psfl", "vmap", "psfl")
-    unknown = [p for p in parts if p not in ("overhead", "flower", "scaling", "scaling-psfl", "vmap", "psfl")]
+    parts = tuple(args.only.split(",")) if args.only else PARTS
+    unknown = [p for p in parts if p not in PARTS]
     if unknown:
-        print(f"semfl: error: --only: unknown part {unknown[0]!r} (parts: overhead, flower, scaling, scaling-psfl, "
-              "vmap, psfl)", file=sys.stderr)
+        print(f"semfl: error: --only: unknown part {unknown[0]!r} (parts: {', '.join(PARTS)})", file=sys.stderr)
         return 2
     result = bench(args.device, args.quick, Path(args.out), parts, args.repeats, sets=args.set, merge=bool(args.only))
     print(markdown(result))
@@ -458,7 +508,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--quick", action="store_true", help="tiny models and few users: a smoke run in seconds")
     p.add_argument("--out", default="benchmarks/results", help="folder for bench-<device>.json/.md")
-    p.add_argument("--only", default="", help="comma-separated parts: overhead,flower,scaling,scaling-psfl,vmap,psfl "
+    p.add_argument("--only", default="", help=f"comma-separated parts: {','.join(PARTS)} "
                                               "(merged into an existing result file of the same device)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of each timed loop (median reported)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -57,7 +57,7 @@ from torch.nn import functional as F
 
 from semfl.config import TrainConfig
 from semfl.models.base import SemanticOutput
-from semfl.training import apply_masks, batches, clip_gradients, make_optimizer, snr_tensor
+from semfl.training import apply_masks, autocast, batches, clip_gradients, make_optimizer, snr_tensor
 
 
 @dataclass
@@ -142,7 +142,8 @@ def pld_step(mentor: nn.Module, student: nn.Module, mentor_opt: torch.optim.Opti
              student_opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
              classifier: nn.Module, snr_db: float,
              student_masks: dict[str, torch.Tensor] | None = None, grad_clip: float = 0.0,
-             ce_weight: float = 1.0, dis_weight: float = 1.0, sem_weight: float = 1.0) -> PLDLosses:
+             ce_weight: float = 1.0, dis_weight: float = 1.0, sem_weight: float = 1.0,
+             precision: str = "fp32") -> PLDLosses:
     """One inner step of Algorithm 1: both models at the same SNR, both updated by their totals.
 
     A single backward of ``L'_total + L_total`` gives each model exactly its own gradient (the
@@ -150,9 +151,10 @@ def pld_step(mentor: nn.Module, student: nn.Module, mentor_opt: torch.optim.Opti
     steps the student's pruning masks are re-applied so pruned weights stay exactly 0.
     """
     snr = snr_tensor(snr_db, len(images), images.device)
-    mentor_out = mentor(images, snr)
-    student_out = student(images, snr)
-    losses = pld_losses(mentor_out, student_out, images, labels, classifier, ce_weight, dis_weight, sem_weight)
+    with autocast(precision, images.device):
+        mentor_out = mentor(images, snr)
+        student_out = student(images, snr)
+        losses = pld_losses(mentor_out, student_out, images, labels, classifier, ce_weight, dis_weight, sem_weight)
     mentor_opt.zero_grad(set_to_none=True)
     student_opt.zero_grad(set_to_none=True)
     (losses.mentor_total + losses.student_total).backward()
@@ -196,7 +198,7 @@ def pld_train(mentor: nn.Module, student: nn.Module, x: torch.Tensor, y: torch.T
         for idx in batches(len(x), cfg.batch_size, generator):
             images, labels = x[idx], y[idx]
             losses = pld_step(mentor, student, mentor_opt, student_opt, images, labels, classifier, snr_db,
-                              student_masks, cfg.grad_clip, ce_weight, dis_weight, sem_weight)
+                              student_masks, cfg.grad_clip, ce_weight, dis_weight, sem_weight, cfg.precision)
             for name, value in losses.floats().items():
                 sums[name] = sums.get(name, 0.0) + value * len(idx)
             count += len(idx)

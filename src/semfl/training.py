@@ -1,6 +1,7 @@
 """Local training and evaluation of semantic models, shared by every method."""
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import torch
@@ -22,6 +23,19 @@ def clip_gradients(model: nn.Module, max_norm: float) -> None:
     """Clip the global gradient norm (0 = off): the task loss through a frozen classifier can spike."""
     if max_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def autocast(precision: str, device: torch.device | str):
+    """The forward/loss context of ``train.precision``: bf16 autocast, or nothing for fp32.
+
+    Only the model's convolutions and matmuls run in bf16; autocast keeps losses and reductions
+    in fp32, and the codec hands the channel fp32 symbols (complex bf16 does not exist).
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision != "bf16":
+        raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {precision!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -59,8 +73,9 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
     for _ in range(cfg.local_epochs):
         for idx in batches(len(x), cfg.batch_size, generator):
             images, labels = x[idx], y[idx]
-            out = model(images, snr_tensor(snr_db, len(idx), images.device))
-            loss, _ = reconstruction_loss(out.recon, images, labels, classifier, cfg.task_weight)
+            with autocast(cfg.precision, images.device):
+                out = model(images, snr_tensor(snr_db, len(idx), images.device))
+                loss, _ = reconstruction_loss(out.recon, images, labels, classifier, cfg.task_weight)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             clip_gradients(model, cfg.grad_clip)

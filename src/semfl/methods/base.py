@@ -55,6 +55,8 @@ class Method:
     name = "method"
     # request kinds its user handlers serve (names of Flower query actions when not train/evaluate)
     user_kinds: tuple[str, ...] = ("train",)
+    # train.precision values its training honours (split methods send features/gradients: fp32)
+    precisions: tuple[str, ...] = ("fp32", "bf16")
 
     def __init__(self, run: RunContext, transport: Any):
         self.run = run

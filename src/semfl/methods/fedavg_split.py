@@ -24,6 +24,7 @@ from semfl.training import RunningAverage
 @register_method
 class FedAvgSplit(Method):
     name = "fedavg-split"
+    precisions = ("fp32",)  # split learning: features and gradients cross the link in fp32
 
     def __init__(self, run, transport):
         super().__init__(run, transport)

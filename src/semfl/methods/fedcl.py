@@ -72,6 +72,7 @@ def batch_sizes(num_samples: int, batch_size: int, epochs: int) -> list[int]:
 @register_method
 class FedCL(Method):
     name = "fedcl"
+    precisions = ("fp32",)  # split learning: features and gradients cross the link in fp32
     user_kinds = ("step",)
 
     def __init__(self, run, transport):

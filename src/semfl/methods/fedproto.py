@@ -61,6 +61,7 @@ def average_prototypes(replies: list[tuple[torch.Tensor, torch.Tensor, torch.Ten
 @register_method
 class FedProto(Method):
     name = "fedproto"
+    precisions = ("fp32",)  # split learning: features and gradients cross the link in fp32
 
     def __init__(self, run, transport):
         super().__init__(run, transport)

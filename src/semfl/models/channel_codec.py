@@ -20,7 +20,7 @@ class ChannelCodec(nn.Module):
 
     def encode(self, S: torch.Tensor) -> torch.Tensor:
         """(B, T, D) features -> (B, T * symbols_per_token) complex symbols of unit mean power."""
-        z = self.encoder(S).reshape(S.shape[0], -1, 2)
+        z = self.encoder(S).reshape(S.shape[0], -1, 2).float()  # fp32 under bf16 autocast too
         return power_normalize(torch.view_as_complex(z.contiguous()))
 
     def decode(self, Y: torch.Tensor, tokens: int) -> torch.Tensor:

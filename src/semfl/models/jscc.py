@@ -49,7 +49,7 @@ class DeepJSCC(SemanticModel):
     def forward(self, images: torch.Tensor, snr_db) -> SemanticOutput:
         feat = self.encoder(images)
         z = self.to_symbols(feat)  # (B, 2s, h, w): symbol pairs per position
-        z = z.reshape(z.shape[0], self.symbols_per_token, 2, -1).permute(0, 3, 1, 2)  # (B, T, s, 2)
+        z = z.float().reshape(z.shape[0], self.symbols_per_token, 2, -1).permute(0, 3, 1, 2)  # (B, T, s, 2), fp32
         X = power_normalize(torch.view_as_complex(z.contiguous()).reshape(z.shape[0], -1))
         Y = torch.view_as_real(self.channel(X, snr_db)).reshape(z.shape[0], self.tokens, self.symbols_per_token, 2)
         y_map = Y.permute(0, 2, 3, 1).reshape(z.shape[0], 2 * self.symbols_per_token, *self.grid)
