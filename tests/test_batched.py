@@ -254,5 +254,5 @@ def test_bench_flower_table_lists_every_workload():
               "flower": {"points": [point(32, 40.0, 8.0), point(256, 60.0, 24.0)]}}
     text = markdown(result)
     assert "Flower 1.41.0 simulation" in text
-    assert "| 32 | 1 | 40.00 | 8.00 | **5.0×** | 10.00 | 1.00 | **10.0×** |" in text
-    assert "| 256 | 8 | 60.00 | 24.00 | **2.5×** | 15.00 | 3.00 | **5.0×** |" in text
+    assert "| 32 | 1 | 1 | 40.00 | 8.00 | **5.0×** | 10.00 | 1.00 | **10.0×** |" in text
+    assert "| 256 | 8 | 1 | 60.00 | 24.00 | **2.5×** | 15.00 | 3.00 | **5.0×** |" in text

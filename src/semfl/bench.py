@@ -252,9 +252,9 @@ def local_losses(quick: bool, device: str, precision: str, epochs: int = 4) -> l
 
 
 # ----------------------------------------------------------------------------- subprocess points
-def _child(argv: list[str], timeout: float) -> dict:
+def _child(argv: list[str], timeout: float, env_extra: dict[str, str] | None = None) -> dict:
     """Run a Python child; its last stdout line is JSON. Adds process_s: the child's wall time."""
-    env = dict(os.environ)
+    env = {**os.environ, **(env_extra or {})}
     tic = time.perf_counter()
     proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     if proc.returncode != 0:
@@ -302,7 +302,9 @@ def _rss_mb() -> float:
 
 
 PSFL_STATE_CAP_MB = 64  # the cap of the PSFL scaling part (each user's mentor + optimiser: 3-16 MB at cpu scale)
-FLOWER_PER_USER = {False: (32, 64, 256), True: (16, 64)}  # samples per user: 1-2 to 8 local batches
+# (samples per user: 1-2 to 8 local batches, cores each engine may use); the 2-core point gives Ray
+# 2 CPUs (two 1-thread clients at a time) and semfl 2 torch threads: each engine uses the whole machine
+FLOWER_POINTS = {False: ((32, 1), (64, 1), (256, 1), (256, 2)), True: ((16, 1), (64, 1))}
 
 
 def flower_compare(quick: bool, device: str, semfl_repeats: int, timeout: float) -> dict:
@@ -310,14 +312,15 @@ def flower_compare(quick: bool, device: str, semfl_repeats: int, timeout: float)
     per client (the speed-up is (compute + engine cost) / (compute + semfl cost): it shrinks as the
     per-client compute, which both must do, grows)."""
     points = []
-    for per_user in FLOWER_PER_USER[quick]:
+    for per_user, cores in FLOWER_POINTS[quick]:
         sets = workload(quick, device, "fedavg", per_user=per_user)
         flat = sum((["--set", s] for s in sets), [])
-        flower = _child([str(REPO / "benchmarks" / "flower_baseline.py"), "--json", *flat], timeout)
+        env = {"OMP_NUM_THREADS": str(cores), "SEMFL_BENCH_RAY_CPUS": str(cores)}
+        flower = _child([str(REPO / "benchmarks" / "flower_baseline.py"), "--json", *flat], timeout, env)
         # semfl end to end in a fresh process too (import, data, classifier from cache, model, R rounds)
-        semfl = _child(["-m", "semfl.bench", "--end-to-end", *flat], timeout)
-        points.append({"samples_per_user": per_user, "batches_per_user": -(-per_user // 32), "flower": flower,
-                       "semfl": semfl, "speedup_end_to_end": flower["process_s"] / semfl["process_s"],
+        semfl = _child(["-m", "semfl.bench", "--end-to-end", *flat], timeout, env)
+        points.append({"samples_per_user": per_user, "batches_per_user": -(-per_user // 32), "cores": cores,
+                       "flower": flower, "semfl": semfl, "speedup_end_to_end": flower["process_s"] / semfl["process_s"],
                        "speedup_per_round": flower["steady_round_s"] / semfl["round_s"]})
     return {"points": points}
 
@@ -379,11 +382,12 @@ def markdown(result: dict) -> str:
                                                      **result["flower"]}]  # an older single-point result
         flwr_version = points[0]["flower"].get("flwr", "")
         lines += [f"## semfl vs Flower {flwr_version} simulation (same FedAvg workload)", "",
-                  "| samples/user | batches/user/round | Flower end to end (s) | semfl end to end (s) | "
-                  "**speed-up end to end** | Flower round (s) | semfl round (s) | **speed-up per round** |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| samples/user | batches/user/round | cores per engine | Flower end to end (s) | "
+                  "semfl end to end (s) | **speed-up end to end** | Flower round (s) | semfl round (s) | "
+                  "**speed-up per round** |", "|---|---|---|---|---|---|---|---|---|"]
         for f in points:
-            lines.append(f"| {f['samples_per_user']} | {f['batches_per_user']} | {f['flower']['process_s']:.2f} | "
+            lines.append(f"| {f['samples_per_user']} | {f['batches_per_user']} | {f.get('cores', 1)} | "
+                         f"{f['flower']['process_s']:.2f} | "
                          f"{f['semfl']['process_s']:.2f} | **{f['speedup_end_to_end']:.1f}×** | "
                          f"{f['flower']['steady_round_s']:.2f} | {f['semfl']['round_s']:.2f} | "
                          f"**{f['speedup_per_round']:.1f}×** |")
