@@ -10,7 +10,8 @@ at every round, as a Flower user would write it. Evaluation is off (fraction_eva
     python benchmarks/flower_baseline.py --json --set users=9 --set scale=cpu ...
 
 Prints one JSON line: total_s (run_simulation wall time), round_s per round (from the strategy's
-aggregate_fit timestamps), steady_round_s (median of rounds 2..R: Ray start-up excluded).
+aggregate_fit timestamps), steady_round_s (median of rounds 2..R: Ray start-up excluded),
+fit_s_median (one client's fit in rounds 2..R, timed inside the ClientApp).
 Each simulated client gets ``--client-cpus`` CPUs (default 1) and torch threads = that number.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,7 +45,7 @@ def _setup(overrides: list[str]):
     return _STATE["cfg"], _STATE["run"], _STATE["user_data"]
 
 
-def make_apps(overrides: list[str], client_cpus: int, marks: list[float]):
+def make_apps(overrides: list[str], client_cpus: int, marks: list[float], fit_log: str):
     import numpy as np
     import torch
     from flwr.client import ClientApp, NumPyClient
@@ -69,6 +71,7 @@ def make_apps(overrides: list[str], client_cpus: int, marks: list[float]):
             from semfl.runtime import seeding
             from semfl.training import local_train
 
+            started = time.perf_counter()
             with torch.no_grad():
                 for p, a in zip(self.model.parameters(), parameters):
                     p.copy_(torch.from_numpy(np.asarray(a)))
@@ -78,7 +81,10 @@ def make_apps(overrides: list[str], client_cpus: int, marks: list[float]):
             seeding.enter(seed)
             loss = local_train(self.model, x, y, self.cfg.train, self.run.link.snr_db(rnd, self.user),
                                self.run.classifier, seeding.generator(seed, "batches"))
-            return self.get_parameters({}), len(y), {"loss": float(loss)}
+            reply = self.get_parameters({})
+            with open(fit_log, "a") as log:  # the client's own time (actors are other processes)
+                log.write(f"{rnd} {time.perf_counter() - started}\n")
+            return reply, len(y), {"loss": float(loss)}
 
     def client_fn(context: Context):
         return SemanticClient(int(context.node_config["partition-id"])).to_client()
@@ -121,7 +127,8 @@ def main() -> int:
     from flwr.simulation import run_simulation
 
     marks: list[float] = []
-    client_app, server_app = make_apps(args.set, args.client_cpus, marks)
+    fit_log = tempfile.NamedTemporaryFile(prefix="flower-fit-", suffix=".txt", delete=False).name
+    client_app, server_app = make_apps(args.set, args.client_cpus, marks, fit_log)
     ncpu = int(os.environ.get("SEMFL_BENCH_RAY_CPUS", str(args.client_cpus)))
     backend = {"client_resources": {"num_cpus": args.client_cpus, "num_gpus": 0.0},
                "init_args": {"num_cpus": ncpu, "include_dashboard": False, "log_to_driver": False}}
@@ -131,8 +138,13 @@ def main() -> int:
     if len(marks) != cfg.rounds:
         raise SystemExit(f"flower_baseline: expected {cfg.rounds} rounds, saw {len(marks)} (a client failed?)")
     rounds = [b - a for a, b in zip(marks, marks[1:])]
+    fits = [float(line.split()[1]) for line in Path(fit_log).read_text().splitlines() if not line.startswith("1 ")]
+    os.unlink(fit_log)
     result = {"total_s": total, "first_round_end_s": marks[0] - tic, "round_s": rounds,
               "steady_round_s": statistics.median(rounds) if rounds else marks[0] - tic,
+              # a client's fit (weights in, local_train, weights out) in rounds 2..R: the rest of
+              # Flower's round is the engine between fits
+              "fit_s_median": statistics.median(fits) if fits else None,
               "users": cfg.users, "rounds": cfg.rounds, "client_cpus": args.client_cpus, "ray_cpus": ncpu,
               "flwr": getattr(flwr, "__version__", "")}
     print(json.dumps(result))

@@ -243,16 +243,16 @@ def test_bench_quick_smoke(fmnist_root, tmp_path):
 def test_bench_flower_table_lists_every_workload():
     from semfl.bench import markdown
 
-    def point(per_user, flower_s, semfl_s):
+    def point(per_user, flower_s, semfl_s, fit=None):
         return {"samples_per_user": per_user, "batches_per_user": -(-per_user // 32),
-                "flower": {"process_s": flower_s, "steady_round_s": flower_s / 4, "flwr": "1.41.0"},
+                "flower": {"process_s": flower_s, "steady_round_s": flower_s / 4, "flwr": "1.41.0", "fit_s_median": fit},
                 "semfl": {"process_s": semfl_s, "round_s": semfl_s / 8},
                 "speedup_end_to_end": flower_s / semfl_s, "speedup_per_round": (flower_s / 4) / (semfl_s / 8)}
 
     result = {"machine": {"device": "cpu", "cpu": "x", "cores": 2, "torch": "2", "torch_threads": 1,
                           "load_avg": [0.1], "time_utc": "t"}, "quick": False,
-              "flower": {"points": [point(32, 40.0, 8.0), point(256, 60.0, 24.0)]}}
+              "flower": {"points": [point(32, 40.0, 8.0), point(256, 60.0, 24.0, fit=0.6)]}}
     text = markdown(result)
     assert "Flower 1.41.0 simulation" in text
-    assert "| 32 | 1 | 1 | 40.00 | 8.00 | **5.0×** | 10.00 | 1.00 | **10.0×** |" in text
-    assert "| 256 | 8 | 1 | 60.00 | 24.00 | **2.5×** | 15.00 | 3.00 | **5.0×** |" in text
+    assert "| 32 | 1 | 1 | 40.00 | 8.00 | **5.0×** | 10.00 | 1.00 | **10.0×** |  |" in text
+    assert "| 256 | 8 | 1 | 60.00 | 24.00 | **2.5×** | 15.00 | 3.00 | **5.0×** | 0.600 |" in text

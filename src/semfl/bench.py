@@ -359,6 +359,10 @@ def machine(device: str) -> dict:
     return info
 
 
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# semfl bench ({m['device']}{', quick' if result['quick'] else ''})", "",
@@ -384,13 +388,13 @@ def markdown(result: dict) -> str:
         lines += [f"## semfl vs Flower {flwr_version} simulation (same FedAvg workload)", "",
                   "| samples/user | batches/user/round | cores per engine | Flower end to end (s) | "
                   "semfl end to end (s) | **speed-up end to end** | Flower round (s) | semfl round (s) | "
-                  "**speed-up per round** |", "|---|---|---|---|---|---|---|---|---|"]
+                  "**speed-up per round** | Flower client fit (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
         for f in points:
             lines.append(f"| {f['samples_per_user']} | {f['batches_per_user']} | {f.get('cores', 1)} | "
                          f"{f['flower']['process_s']:.2f} | "
                          f"{f['semfl']['process_s']:.2f} | **{f['speedup_end_to_end']:.1f}×** | "
                          f"{f['flower']['steady_round_s']:.2f} | {f['semfl']['round_s']:.2f} | "
-                         f"**{f['speedup_per_round']:.1f}×** |")
+                         f"**{f['speedup_per_round']:.1f}×** | {_fmt(f['flower'].get('fit_s_median'), '.3f')} |")
         lines.append("")
     if result.get("scaling"):
         lines += ["## Scaling (FedAvg, fixed data per user)", "",
