@@ -133,13 +133,15 @@ def main() -> int:
     backend = {"client_resources": {"num_cpus": args.client_cpus, "num_gpus": 0.0},
                "init_args": {"num_cpus": ncpu, "include_dashboard": False, "log_to_driver": False}}
     tic = time.perf_counter()
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.users, backend_config=backend)
-    total = time.perf_counter() - tic
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.users, backend_config=backend)
+        total = time.perf_counter() - tic
+        fits = [float(line.split()[1]) for line in Path(fit_log).read_text().splitlines() if not line.startswith("1 ")]
+    finally:
+        os.unlink(fit_log)
     if len(marks) != cfg.rounds:
         raise SystemExit(f"flower_baseline: expected {cfg.rounds} rounds, saw {len(marks)} (a client failed?)")
     rounds = [b - a for a, b in zip(marks, marks[1:])]
-    fits = [float(line.split()[1]) for line in Path(fit_log).read_text().splitlines() if not line.startswith("1 ")]
-    os.unlink(fit_log)
     result = {"total_s": total, "first_round_end_s": marks[0] - tic, "round_s": rounds,
               "steady_round_s": statistics.median(rounds) if rounds else marks[0] - tic,
               # a client's fit (weights in, local_train, weights out) in rounds 2..R: the rest of

@@ -104,3 +104,37 @@ def test_bf16_runs_are_deterministic_and_learn(tiny_overrides, tmp_path, method)
     globals_ = [r for r in rows[0] if r["scope"] == "global"]
     assert globals_[-1]["loss"] < globals_[0]["loss"]
     assert globals_[-1]["psnr_db"] > globals_[0]["psnr_db"]
+
+
+def test_pld_in_bf16_tracks_fp32_and_its_kl_stays_fp32(monkeypatch):
+    """PSFL's local step honours train.precision; the KL terms are exact enough to stay >= 0."""
+    import test_pld  # the PLD tests' tiny mentor (GSC-M, a ViT) / student (CSC) / classifier / images
+
+    from semfl.models import vit
+    from semfl.pld import _kl_to, pld_train
+
+    attention_dtypes = []
+    sdpa = vit.F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        attention_dtypes.append(q.dtype)
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(vit.F, "scaled_dot_product_attention", spy)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        mentor, student, clf, x, y = test_pld._models()
+        cfg = TrainConfig(lr=0.05, local_epochs=2, batch_size=16, precision=precision)
+        out[precision] = pld_train(mentor, student, x, y, cfg, 10.0, clf, torch.Generator().manual_seed(0))
+    assert set(attention_dtypes) == {torch.float32}  # the CPU attention runs in fp32 under bf16 too
+    assert out["bf16"]["student_task"] != out["fp32"]["student_task"]  # bf16 kernels ran
+    for name in ("mentor_task", "student_task", "mentor_mse", "student_mse"):
+        assert abs(out["bf16"][name] - out["fp32"][name]) <= 0.05 * out["fp32"][name], name
+    assert out["bf16"]["mentor_kl"] >= 0 and out["bf16"]["student_kl"] >= 0
+    # nearly equal distributions: bf16 (log_)softmax would make this KL mostly rounding noise
+    logits = torch.randn(64, 10, generator=torch.Generator().manual_seed(0)).bfloat16()
+    close = (logits.float() + 0.02 * torch.randn(64, 10, generator=torch.Generator().manual_seed(1))).bfloat16()
+    exact = _kl_to(logits.double(), close.double()).item()  # the same bf16 inputs, in float64
+    with autocast("bf16", "cpu"):
+        got = _kl_to(logits, close).item()
+    assert got >= 0 and abs(got - exact) <= 0.05 * exact

@@ -237,13 +237,15 @@ def precision_compare(quick: bool, device: str, repeats: int) -> list[dict]:
 
 
 def local_losses(quick: bool, device: str, precision: str, epochs: int = 4) -> list[float]:
+    """User 0's mean training loss in each of ``epochs`` local epochs from the same start."""
     import torch
 
     from semfl.methods.common import build_semantic_model
     from semfl.runtime import seeding
     from semfl.training import local_train
 
-    cfg, run, user_data = _context(workload(quick, device, "fedavg", extra=[f"train.precision={precision}"]))
+    cfg, run, user_data = _context(workload(quick, device, "fedavg",
+                                            extra=[f"train.precision={precision}", "train.local_epochs=1"]))
     seeding.enter(cfg.seed, "init")
     model = build_semantic_model(run, cfg.model.arch)
     gen = torch.Generator().manual_seed(0)

@@ -84,8 +84,9 @@ class TrainConfig:
     # "auto" = on for cuda, off on cpu (measured slower on 2 CPU cores; see BENCHMARKS.md)
     vmap: Literal["off", "on", "auto"] = "auto"
     vmap_users: int = 32  # at most this many users per vmapped group (bounds activation memory)
-    # arithmetic of the training forward/backward: "fp32", or "bf16" = torch.autocast to bfloat16
-    # (weights, optimiser state, channel and aggregation stay fp32); 1.5x on a CPU with AMX
+    # arithmetic of the federated local training: "fp32", or "bf16" = torch.autocast to bfloat16
+    # (weights, optimiser state, channel, aggregation, evaluation stay fp32; so do the classifier,
+    # MAE and foundation pretraining); measured 1.35-1.41x on a CPU with AMX (BENCHMARKS.md)
     precision: Literal["fp32", "bf16"] = "fp32"
 
 

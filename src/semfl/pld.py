@@ -87,8 +87,11 @@ class PLDLosses:
 
 
 def _kl_to(own_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(target).detach() || softmax(own)), batch mean; gradient w.r.t. own only."""
-    return F.kl_div(F.log_softmax(own_logits, dim=1), F.softmax(target_logits, dim=1).detach(),
+    """KL(softmax(target).detach() || softmax(own)), batch mean; gradient w.r.t. own only.
+
+    In fp32 even under bf16 autocast: CPU autocast leaves (log_)softmax in bf16, whose rounding
+    swamps a KL between close distributions (it even came out negative)."""
+    return F.kl_div(F.log_softmax(own_logits.float(), dim=1), F.softmax(target_logits.float(), dim=1).detach(),
                     reduction="batchmean")
 
 

@@ -28,14 +28,18 @@ def clip_gradients(model: nn.Module, max_norm: float) -> None:
 def autocast(precision: str, device: torch.device | str):
     """The forward/loss context of ``train.precision``: bf16 autocast, or nothing for fp32.
 
-    Only the model's convolutions and matmuls run in bf16; autocast keeps losses and reductions
-    in fp32, and the codec hands the channel fp32 symbols (complex bf16 does not exist).
+    Only the model's convolutions and matmuls run in bf16; autocast keeps MSE and cross-entropy in
+    fp32, PLD's KL casts its logits to fp32, and the codec hands the channel fp32 symbols (complex
+    bf16 does not exist).
     """
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision != "bf16":
         raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {precision!r}")
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"train.precision = 'bf16': the GPU {torch.cuda.get_device_name(device)} has no bf16 support")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

@@ -39,6 +39,8 @@ class FedAvg(Method):
         reason = supported(self.model, self.cfg.train)
         if reason and mode == "on":
             raise ValueError(f"train.vmap = 'on' but {reason}")
+        if reason:
+            self.run.log(f"train.vmap = 'auto': users train one by one, because {reason}")
         return reason is None
 
     def users_train_batched(self, contexts: list[UserContext], payloads: list[Payload]) -> list[Payload]:
