@@ -86,7 +86,7 @@ class TrainConfig:
     vmap_users: int = 32  # at most this many users per vmapped group (bounds activation memory)
     # arithmetic of the federated local training: "fp32", or "bf16" = torch.autocast to bfloat16
     # (weights, optimiser state, channel, aggregation, evaluation stay fp32; so do the classifier,
-    # MAE and foundation pretraining); measured 1.35-1.41x on a CPU with AMX (BENCHMARKS.md)
+    # MAE and foundation pretraining); measured 1.4x on a CPU with AMX (BENCHMARKS.md)
     precision: Literal["fp32", "bf16"] = "fp32"
 
 
