@@ -118,7 +118,9 @@ def to_device(tensors: dict | None, device) -> dict | None:
 def send_and_average(transport, users, request, like: dict, weight=None):
     """Send `request` (one payload or one per user) to `users` and average the replies' tensors as
     they arrive (a running sum, not K held updates). weight(reply) -> float gives each reply's
-    weight, by default its sample count (PSFL eq 10). Returns (mean, {user: reply meta})."""
+    weight, by default its sample count (PSFL eq 10). Users are trained together where the method
+    registered a "train:batched" handler and the transport can batch (the local one; it falls
+    back to one by one otherwise). Returns (mean, {user: reply meta})."""
     from semfl.training import RunningAverage
 
     average = RunningAverage()
@@ -128,23 +130,28 @@ def send_and_average(transport, users, request, like: dict, weight=None):
         average.add(reply.tensors, reply.meta["num_samples"] if weight is None else weight(reply))
         metas[user] = reply.meta
 
-    transport.send(users, "train", request, on_reply=collect)
+    send = getattr(transport, "send_batched", transport.send)
+    send(users, "train", request, on_reply=collect)
     return average.result(like), metas
 
 
-def local_evaluation(run: RunContext, model: nn.Module, ctx) -> dict:
-    """The user's locally trained ``model`` on the first ``eval.user_samples`` test images, in the
-    rounds the runner evaluates (per-client local accuracy, PSFL Figs 15-16), as reply-meta fields
-    ``eval_*``; {} in other rounds or when ``eval.user_samples`` is 0."""
-    from semfl.training import evaluate_semantic
+def reply_meta(run: RunContext, model: nn.Module, ctx, loss: float, sent: dict | None = None) -> dict:
+    """The meta of a user's train reply: its sample count and training loss and, in the rounds the
+    runner evaluates with ``eval.user_samples`` > 0, its local model's accuracy / loss / PSNR on
+    the first ``eval.user_samples`` test images (per-client local accuracy, PSFL Figs 15-16).
+    ``sent``: the weights the user sends, when they are not what ``model`` holds (loaded first)."""
+    from semfl.training import evaluate_semantic, load_weights
 
     cfg = run.cfg
+    meta = {"num_samples": ctx.num_samples, "loss": loss}
     n = cfg.eval.user_samples
     if n <= 0 or not (ctx.round % cfg.eval.every == 0 or ctx.round == cfg.rounds):
-        return {}
+        return meta
+    if sent is not None:
+        load_weights(model, sent)
     result = evaluate_semantic(model, run.classifier, run.test_x[:n], run.test_y[:n], cfg.eval.snr_db,
                                cfg.eval.batch_size)
-    return {"eval_accuracy": result["accuracy"], "eval_loss": result["loss"], "eval_psnr_db": result["psnr_db"]}
+    return {**meta, "eval_accuracy": result["accuracy"], "eval_loss": result["loss"], "eval_psnr_db": result["psnr_db"]}
 
 
 def loss_rows(metas: dict) -> list[dict]:

@@ -9,8 +9,8 @@ from semfl.codecs import Payload
 from semfl.foundation import start_from_foundation
 from semfl.methods.base import Method, register_method
 from semfl.runtime.local import UserContext
-from semfl.training import RunningAverage, evaluate_semantic, load_weights, local_train, weights_of
-from semfl.methods.common import build_semantic_model, finish_semantic, local_evaluation, loss_rows, train_snr
+from semfl.training import evaluate_semantic, load_weights, local_train, weights_of
+from semfl.methods.common import build_semantic_model, finish_semantic, loss_rows, reply_meta, send_and_average, train_snr
 
 
 @register_method
@@ -55,34 +55,19 @@ class FedAvg(Method):
                 self.model, [p.tensors for p in payloads[start:start + chunk]], [(c.x, c.y) for c in group],
                 self.cfg.train, [train_snr(self.cfg, c) for c in group], self.run.classifier,
                 [c.generator("batches") for c in group], draw_seeds=[c.seed for c in group])
-            for c, (w, loss) in zip(group, results):
-                meta = {"num_samples": c.num_samples, "loss": loss}
-                if self.cfg.eval.user_samples:
-                    load_weights(self.model, w)
-                    meta.update(local_evaluation(self.run, self.model, c))
-                replies.append(Payload(w, codec="dense", meta=meta))
+            replies += [Payload(w, codec="dense", meta=reply_meta(self.run, self.model, c, loss, sent=w))
+                        for c, (w, loss) in zip(group, results)]
         return replies
 
     def user_train(self, ctx: UserContext, payload: Payload) -> Payload:
         load_weights(self.model, payload.tensors)
         loss = local_train(self.model, ctx.x, ctx.y, self.cfg.train, train_snr(self.cfg, ctx),
                            self.run.classifier, ctx.generator("batches"))
-        meta = {"num_samples": ctx.num_samples, "loss": loss, **local_evaluation(self.run, self.model, ctx)}
-        return Payload(weights_of(self.model), codec="dense", meta=meta)
+        return Payload(weights_of(self.model), codec="dense", meta=reply_meta(self.run, self.model, ctx, loss))
 
     def run_round(self, round_: int, users: list[int]) -> dict[str, Any]:
-        average = RunningAverage()
-        metas = {}
-
-        def collect(user: int, reply: Payload) -> None:
-            average.add(reply.tensors, reply.meta["num_samples"])
-            metas[user] = reply.meta
-
-        send = self.transport.send
-        if "train:batched" in self.transport.handlers and hasattr(self.transport, "send_batched"):
-            send = self.transport.send_batched
-        send(users, "train", Payload(self.global_weights, codec="dense"), on_reply=collect)
-        self.global_weights = average.result(self.global_weights)
+        self.global_weights, metas = send_and_average(self.transport, users, Payload(self.global_weights, codec="dense"),
+                                                      self.global_weights)
         return {"user_rows": loss_rows(metas)}
 
     def evaluate(self, round_: int) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from semfl.codecs.qsgd import QSGD_LEVELS, qsgd_codec_name
 from semfl.compress import qsgd
 from semfl.config import ConfigError, register_table
 from semfl.methods.base import register_method
-from semfl.methods.common import local_evaluation, loss_rows, send_and_average, train_delta
+from semfl.methods.common import loss_rows, reply_meta, send_and_average, train_delta
 from semfl.methods.fedavg import FedAvg
 from semfl.runtime.local import UserContext
 
@@ -59,12 +59,11 @@ class FedPAQ(FedAvg):
         delta, loss, _ = train_delta(self.run, self.model, payload.tensors, ctx, steps=self.options.local_steps)
         generator = ctx.generator("qsgd")
         sent = {k: qsgd(d, self.options.levels, generator) for k, d in delta.items()}
-        return Payload(sent, codec=self.uplink_codec, meta={"num_samples": ctx.num_samples, "loss": loss,
-                                                 **local_evaluation(self.run, self.model, ctx)})
+        return Payload(sent, codec=self.uplink_codec, meta=reply_meta(self.run, self.model, ctx, loss))
 
     def run_round(self, round_: int, users: list[int]) -> dict[str, Any]:
         weight = None if self.options.weighting == "samples" else (lambda reply: 1.0)
-        mean, losses = send_and_average(self.transport, users, Payload(self.global_weights, codec="dense"),
+        mean, metas = send_and_average(self.transport, users, Payload(self.global_weights, codec="dense"),
                                         self.global_weights, weight)
         self.global_weights = {k: v + mean[k] for k, v in self.global_weights.items()}
-        return {"user_rows": loss_rows(losses), "participants": len(users)}
+        return {"user_rows": loss_rows(metas), "participants": len(users)}

@@ -28,7 +28,7 @@ from semfl.codecs.ternary import ternary_scale
 from semfl.compress import TernaryQuant, ternary_layers, ternary_threshold
 from semfl.config import ConfigError, register_table
 from semfl.methods.base import register_method
-from semfl.methods.common import local_evaluation, loss_rows, send_and_average, train_snr
+from semfl.methods.common import loss_rows, reply_meta, send_and_average, train_snr
 from semfl.methods.fedavg import FedAvg
 from semfl.runtime.local import UserContext
 from semfl.training import load_weights, local_train
@@ -119,14 +119,11 @@ class FTTQ(FedAvg):
         for name, p in self.model.named_parameters():
             if name not in sent:
                 sent[name] = p.detach().clone()
-        meta = {"num_samples": ctx.num_samples, "loss": loss}
-        if self.cfg.eval.user_samples:  # the local model as it is sent: ternary layers + the rest
-            load_weights(self.model, sent)
-            meta.update(local_evaluation(self.run, self.model, ctx))
-        return self.payload(sent, meta)
+        # evaluated as it is sent: ternary layers + the rest
+        return self.payload(sent, reply_meta(self.run, self.model, ctx, loss, sent=sent))
 
     def run_round(self, round_: int, users: list[int]) -> dict[str, Any]:
-        mean, losses = send_and_average(self.transport, users, self.payload(self.global_weights),
+        mean, metas = send_and_average(self.transport, users, self.payload(self.global_weights),
                                         self.global_weights)
         self.global_weights = self.requantise(mean)
-        return {"user_rows": loss_rows(losses)}
+        return {"user_rows": loss_rows(metas)}

@@ -24,7 +24,7 @@ from semfl.codecs import Payload
 from semfl.compress import stc_error_accumulation
 from semfl.config import ConfigError, register_table
 from semfl.methods.base import register_method
-from semfl.methods.common import local_evaluation, loss_rows, send_and_average, to_cpu, to_device, train_delta
+from semfl.methods.common import loss_rows, reply_meta, send_and_average, to_cpu, to_device, train_delta
 from semfl.methods.fedavg import FedAvg
 from semfl.runtime.local import UserContext
 
@@ -79,8 +79,7 @@ class STC(FedAvg):
         sent, residual = stc_error_accumulation(delta, to_device(ctx.state.get("residual"), device),
                                                 self.options.sparsity)
         ctx.state["residual"] = to_cpu(residual)
-        return Payload(sent, codec="stc", meta={"num_samples": ctx.num_samples, "loss": loss,
-                                                 **local_evaluation(self.run, self.model, ctx)})
+        return Payload(sent, codec="stc", meta=reply_meta(self.run, self.model, ctx, loss))
 
     # ------------------------------------------------------------------ base station
     def downlink(self, users: list[int]) -> dict[int, Payload]:
@@ -98,13 +97,13 @@ class STC(FedAvg):
         requests = self.downlink(users)
         dense = sum(1 for p in requests.values() if p.codec == "dense")
         weight = None if self.options.weighting == "samples" else (lambda reply: 1.0)
-        mean, losses = send_and_average(self.transport, users, requests, self.global_weights, weight)
+        mean, metas = send_and_average(self.transport, users, requests, self.global_weights, weight)
         p_down = self.options.downlink_sparsity or self.options.sparsity
         update, self.residual = stc_error_accumulation(mean, self.residual, p_down)
         self.global_weights = {k: v + update[k] for k, v in self.global_weights.items()}
         self.last_update = update
         self.version += 1
-        return {"user_rows": loss_rows(losses), "dense_downlinks": dense}
+        return {"user_rows": loss_rows(metas), "dense_downlinks": dense}
 
     def state_dict(self) -> dict[str, Any]:
         return {"global_weights": self.global_weights, "residual": self.residual, "version": self.version,

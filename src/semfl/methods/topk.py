@@ -14,7 +14,7 @@ from semfl.codecs import Payload
 from semfl.compress import topk_error_feedback
 from semfl.config import ConfigError, register_table
 from semfl.methods.base import register_method
-from semfl.methods.common import local_evaluation, loss_rows, send_and_average, to_cpu, to_device, train_delta
+from semfl.methods.common import loss_rows, reply_meta, send_and_average, to_cpu, to_device, train_delta
 from semfl.methods.fedavg import FedAvg
 from semfl.runtime.local import UserContext
 
@@ -53,11 +53,10 @@ class TopK(FedAvg):
         sent, residual = topk_error_feedback(delta, to_device(ctx.state.get("residual"), self.run.device),
                                              self.options.fraction, self.options.scope)
         ctx.state["residual"] = to_cpu(residual)
-        return Payload(sent, codec="sparse", meta={"num_samples": ctx.num_samples, "loss": loss,
-                                                 **local_evaluation(self.run, self.model, ctx)})
+        return Payload(sent, codec="sparse", meta=reply_meta(self.run, self.model, ctx, loss))
 
     def run_round(self, round_: int, users: list[int]) -> dict[str, Any]:
-        mean, losses = send_and_average(self.transport, users, Payload(self.global_weights, codec="dense"),
+        mean, metas = send_and_average(self.transport, users, Payload(self.global_weights, codec="dense"),
                                         self.global_weights)
         self.global_weights = {k: v + mean[k] for k, v in self.global_weights.items()}
-        return {"user_rows": loss_rows(losses)}
+        return {"user_rows": loss_rows(metas)}
