@@ -79,15 +79,12 @@ def engine_rounds(cfg, run, user_data, ckpt_dir: Path) -> float:
     from semfl.methods import get_method
     from semfl.runtime import seeding
     from semfl.runtime.checkpoint import save_checkpoint
-    from semfl.runtime.local import LocalTransport
-    from semfl.runtime.run import participants
+    from semfl.runtime.run import local_transport, participants
 
     run.link.transfers.clear()
     seeding.enter(cfg.seed, "init")
-    # as the runner builds it: the per-user state cap, spills and per-user checkpoint files
-    transport = LocalTransport(run.link, user_data, cfg.seed, run.device, handlers={},
-                               state_memory_mb=cfg.engine.state_memory_mb, spill_dir=ckpt_dir,
-                               checkpoint_dir=ckpt_dir / "users")
+    # the runner's transport: the per-user state cap, spills and per-user checkpoint files
+    transport = local_transport(cfg, run, user_data, ckpt_dir)
     method = get_method(cfg.method)(run, transport)
     transport.handlers = method.handlers()
     _sync(run.device)
