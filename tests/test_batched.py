@@ -218,7 +218,7 @@ def test_bench_quick_smoke(fmnist_root, tmp_path):
     from semfl.cli import main
 
     out = tmp_path / "results"
-    code = main(["bench", "--quick", "--only", "overhead,vmap,precision,scaling-psfl", "--repeats", "1", "--out", str(out),
+    code = main(["bench", "--quick", "--only", "overhead,vmap,precision,workers,scaling-psfl", "--repeats", "1", "--out", str(out),
                  "--set", f"data.root={fmnist_root}", "--set", "data.download=false",
                  "--set", f"classifier.cache_dir={tmp_path / 'cache'}"])
     assert code == 0
@@ -232,6 +232,11 @@ def test_bench_quick_smoke(fmnist_root, tmp_path):
     assert len(result["precision"][0]["epoch_losses"]["bf16"]) == 4
     assert 0 < result["precision"][0]["max_relative_loss_gap"] < 0.1
     assert "Training precision" in (out / "bench-cpu-quick.md").read_text()
+    assert [w["method"] for w in result["workers"]] == ["fedavg", "psfl"]
+    for w in result["workers"]:
+        assert [(v["threads"], v["workers"]) for v in w["settings"].values()] == [(1, 1), (w["cores"], 1), (w["cores"], w["cores"])]
+        assert all(v["median_s"] > 0 for v in w["settings"].values()) and w["speedup_workers_vs_threads"] > 0
+    assert "one worker process per core" in (out / "bench-cpu-quick.md").read_text()
     assert "Overhead ratio" in (out / "bench-cpu-quick.md").read_text()
     psfl = {(p["state_memory_mb"], p["users"]): p for p in result["scaling_psfl"]}
     assert set(psfl) == {(0, 3), (0, 9), (64, 3), (64, 9)}
@@ -254,5 +259,10 @@ def test_bench_flower_table_lists_every_workload():
               "flower": {"points": [point(32, 40.0, 8.0), point(256, 60.0, 24.0, fit=0.6)]}}
     text = markdown(result)
     assert "Flower 1.41.0 simulation" in text
-    assert "| 32 | 1 | 1 | 40.00 | 8.00 | **5.0×** | 10.00 | 1.00 | **10.0×** |  |" in text
-    assert "| 256 | 8 | 1 | 60.00 | 24.00 | **2.5×** | 15.00 | 3.00 | **5.0×** | 0.600 |" in text
+    assert "| 32 | 1 | 1 | 1 thread | 40.00 | 8.00 | **5.0×** | 10.00 | 1.00 | **10.0×** |  |" in text
+    assert "| 256 | 8 | 1 | 1 thread | 60.00 | 24.00 | **2.5×** | 15.00 | 3.00 | **5.0×** | 0.600 |" in text
+    two = [{**point(256, 50.0, 20.0), "cores": 2, "semfl_parallelism": "threads"},
+           {**point(256, 50.0, 10.0), "cores": 2, "semfl_parallelism": "workers"}]
+    text = markdown({**result, "flower": {"points": two}})
+    assert "| 256 | 8 | 2 | 2 threads | 50.00 | 20.00 | **2.5×** |" in text
+    assert "| 256 | 8 | 2 | 2 workers | 50.00 | 10.00 | **5.0×** |" in text

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PARTS = ("overhead", "flower", "scaling", "scaling-psfl", "vmap", "precision", "psfl")
+PARTS = ("overhead", "flower", "scaling", "scaling-psfl", "vmap", "precision", "workers", "psfl")
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -250,6 +250,44 @@ def local_losses(quick: bool, device: str, precision: str, epochs: int = 4) -> l
     return [local_train(model, x, y, cfg.train, run.link.snr_db(1, 0), run.classifier, gen) for _ in range(epochs)]
 
 
+def workers_compare(quick: bool, device: str, repeats: int) -> list[dict]:
+    """FedAvg and PSFL rounds on every core, two ways: one process with torch's intra-op threads
+    (engine.workers = 1) and one forked worker per core with one thread each (engine.workers = N);
+    plus one thread, one process, as the single-core reference. Run in a child with N OpenMP
+    threads, since the benchmark itself runs with OMP_NUM_THREADS=1."""
+    from semfl.runtime.workers import usable_cpus
+
+    if not device.startswith("cpu"):
+        raise RuntimeError("engine.workers forks processes, which CUDA does not survive: a CPU-only part")
+    cores = usable_cpus()
+    return [_child(["-m", "semfl.bench", "--workers-point", "--repeats", str(repeats),
+                    *sum((["--set", s] for s in workload(quick, device, method)), [])], 3600,
+                   {"OMP_NUM_THREADS": str(cores)})
+            for method in ("fedavg", "psfl")]
+
+
+def workers_point(overrides: list[str], repeats: int) -> dict:
+    import torch
+
+    from semfl.runtime.workers import usable_cpus
+
+    cores = usable_cpus()
+    settings = {"1 thread": (1, 1), f"{cores} threads": (cores, 1), f"{cores} workers": (cores, cores)}
+    out: dict = {"cores": cores, "settings": {}}
+    for label, (threads, workers) in settings.items():
+        torch.set_num_threads(threads)
+        cfg, run, user_data = _context(overrides + [f"engine.workers={workers}"])
+        with tempfile.TemporaryDirectory() as tmp:
+            times = [engine_rounds(cfg, run, user_data, Path(tmp)) for _ in range(repeats)]
+        out["settings"][label] = {"threads": threads, "workers": workers, "engine_s": times,
+                                  "median_s": statistics.median(times), "round_s": statistics.median(times) / cfg.rounds}
+    out["method"] = cfg.method
+    single, by_threads, by_workers = (v["median_s"] for v in out["settings"].values())
+    out.update(speedup_threads=single / by_threads, speedup_workers=single / by_workers,
+               speedup_workers_vs_threads=by_threads / by_workers)
+    return out
+
+
 # ----------------------------------------------------------------------------- subprocess points
 def _child(argv: list[str], timeout: float, env_extra: dict[str, str] | None = None) -> dict:
     """Run a Python child; its last stdout line is JSON. Adds process_s: the child's wall time."""
@@ -318,9 +356,16 @@ def flower_compare(quick: bool, device: str, semfl_repeats: int, timeout: float)
         flower = _child([str(REPO / "benchmarks" / "flower_baseline.py"), "--json", *flat], timeout, env)
         # semfl end to end in a fresh process too (import, data, classifier from cache, model, R rounds)
         semfl = _child(["-m", "semfl.bench", "--end-to-end", *flat], timeout, env)
-        points.append({"samples_per_user": per_user, "batches_per_user": -(-per_user // 32), "cores": cores,
-                       "flower": flower, "semfl": semfl, "speedup_end_to_end": flower["process_s"] / semfl["process_s"],
-                       "speedup_per_round": flower["steady_round_s"] / semfl["round_s"]})
+        # with several cores semfl runs both ways: intra-op threads, and one worker process per core
+        variants = [("threads" if cores > 1 else "1 thread", semfl)]
+        if cores > 1:
+            variants.append(("workers", _child(["-m", "semfl.bench", "--end-to-end", *flat, "--set",
+                                                f"engine.workers={cores}"], timeout, env)))
+        for parallelism, run in variants:
+            points.append({"samples_per_user": per_user, "batches_per_user": -(-per_user // 32), "cores": cores,
+                           "semfl_parallelism": parallelism, "flower": flower, "semfl": run,
+                           "speedup_end_to_end": flower["process_s"] / run["process_s"],
+                           "speedup_per_round": flower["steady_round_s"] / run["round_s"]})
     return {"points": points}
 
 
@@ -385,11 +430,14 @@ def markdown(result: dict) -> str:
                                                      **result["flower"]}]  # an older single-point result
         flwr_version = points[0]["flower"].get("flwr", "")
         lines += [f"## semfl vs Flower {flwr_version} simulation (same FedAvg workload)", "",
-                  "| samples/user | batches/user/round | cores per engine | Flower end to end (s) | "
+                  "| samples/user | batches/user/round | cores per engine | semfl uses | Flower end to end (s) | "
                   "semfl end to end (s) | **speed-up end to end** | Flower round (s) | semfl round (s) | "
-                  "**speed-up per round** | Flower client fit (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "**speed-up per round** | Flower client fit (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for f in points:
-            lines.append(f"| {f['samples_per_user']} | {f['batches_per_user']} | {f.get('cores', 1)} | "
+            cores = f.get("cores", 1)
+            parallelism = f.get("semfl_parallelism", "threads" if cores > 1 else "")  # older results: threads
+            uses = {"threads": f"{cores} threads", "workers": f"{cores} workers"}.get(parallelism, "1 thread")
+            lines.append(f"| {f['samples_per_user']} | {f['batches_per_user']} | {cores} | {uses} | "
                          f"{f['flower']['process_s']:.2f} | "
                          f"{f['semfl']['process_s']:.2f} | **{f['speedup_end_to_end']:.1f}×** | "
                          f"{f['flower']['steady_round_s']:.2f} | {f['semfl']['round_s']:.2f} | "
@@ -432,6 +480,18 @@ def markdown(result: dict) -> str:
                       + ", ".join(f"{v:.4f}" for v in losses["bf16"])
                       + f" (largest relative gap {result['precision'][0]['max_relative_loss_gap']:.2%})."]
         lines.append("")
+    if result.get("workers"):
+        cores = result["workers"][0]["cores"]
+        labels = list(result["workers"][0]["settings"])
+        lines += [f"## Every core: intra-op threads vs one worker process per core (engine.workers), {cores} cores", "",
+                  "| method | " + " | ".join(f"{k}: rounds (s)" for k in labels)
+                  + " | threads speed-up | workers speed-up | **workers ÷ threads** |",
+                  "|---|" + "---|" * (len(labels) + 3)]
+        for w in result["workers"]:
+            lines.append(f"| {w['method']} | " + " | ".join(f"{w['settings'][k]['median_s']:.2f}" for k in labels)
+                         + f" | {w['speedup_threads']:.2f}× | {w['speedup_workers']:.2f}× | "
+                           f"**{w['speedup_workers_vs_threads']:.2f}×** |")
+        lines.append("")
     if result.get("measured"):
         lines += ["Load average (1 min) when each part started / ended: " + "; ".join(
             f"{k} {v['load_avg_start'][0]:.2f} / {v.get('load_avg_end', [float('nan')])[0]:.2f} ({v['time_utc']})"
@@ -467,6 +527,7 @@ def bench(device: str = "cpu", quick: bool = False, out: Path = Path("benchmarks
         "psfl": lambda: result["overhead"].append(overhead(quick, device, "psfl", max(1, repeats - 1))),
         "vmap": lambda: result.__setitem__("vmap", vmap_compare(quick, device, max(1, repeats - 1))),
         "precision": lambda: result.__setitem__("precision", precision_compare(quick, device, max(1, repeats - 1))),
+        "workers": lambda: result.__setitem__("workers", workers_compare(quick, device, max(1, repeats - 1))),
         "flower": lambda: result.__setitem__("flower", flower_compare(quick, device, repeats, 600 if quick else 1800)),
         "scaling": lambda: result.__setitem__("scaling", [
             _child(["-m", "semfl.bench", "--scaling-point",
@@ -527,9 +588,13 @@ if __name__ == "__main__":  # subprocess entry points used by bench()
     ap = argparse.ArgumentParser()
     ap.add_argument("--scaling-point", action="store_true")
     ap.add_argument("--end-to-end", action="store_true")
+    ap.add_argument("--workers-point", action="store_true")
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--set", action="append", default=[])
     a = ap.parse_args()
     if a.scaling_point:
         print(json.dumps(scaling_point(a.set)))
+    elif a.workers_point:
+        print(json.dumps(workers_point(a.set, a.repeats)))
     elif a.end_to_end:
         print(json.dumps(end_to_end(a.set)))

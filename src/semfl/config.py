@@ -122,6 +122,10 @@ class EngineConfig:
     reply_timeout_s: float = 0.0
     # how long it waits at the start of a run for every user's node to connect
     connect_timeout_s: float = 120.0
+    # local transport: serve a request's users in this many forked worker processes, each with
+    # its share of torch's threads (1 = sequential in this process, 0 = one per CPU). CPU only.
+    # Same metrics as 1 where torch runs one thread per worker either way (see BENCHMARKS.md)
+    workers: int = 1
 
 
 @dataclass
@@ -360,6 +364,12 @@ def validate(cfg: Config) -> None:
     _check(e.user_samples >= 0, f"eval.user_samples: must be >= 0, got {e.user_samples}")
     _check(cfg.engine.state_memory_mb >= 0, f"engine.state_memory_mb: must be >= 0, got {cfg.engine.state_memory_mb}")
     _check(cfg.engine.reply_timeout_s >= 0, f"engine.reply_timeout_s: must be >= 0, got {cfg.engine.reply_timeout_s}")
+    _check(cfg.engine.workers >= 0, f"engine.workers: must be >= 0 (0 = one per CPU), got {cfg.engine.workers}")
+    _check(cfg.engine.workers == 1 or cfg.device == "cpu",
+           f"engine.workers = {cfg.engine.workers}: worker processes are forked, which CUDA does not survive; "
+           f"use engine.workers = 1 with device = {cfg.device!r}")
+    _check(cfg.engine.workers == 1 or cfg.train.vmap != "on",
+           "engine.workers > 1 and train.vmap = 'on' exclude each other (vmap trains the users together in one process)")
     _check(cfg.engine.connect_timeout_s > 0, f"engine.connect_timeout_s: must be > 0, got {cfg.engine.connect_timeout_s}")
     c = cfg.classifier
     _check(c.depth in (0, 8, 18, 34, 50, 101), f"classifier.depth: must be one of 0, 8, 18, 34, 50, 101, got {c.depth}")

@@ -110,6 +110,12 @@ class UserStates(MutableMapping):
         self._mem.move_to_end(user)
         return state
 
+    def peek(self, user: int) -> dict[str, Any]:
+        """A user's state without touching the bookkeeping (a spilled state is read, its file kept):
+        for a forked worker, whose changes come back through ``states[user] = new``."""
+        on_disk = self._disk.get(user) or self._borrowed.get(user)
+        return torch.load(on_disk, weights_only=False) if on_disk is not None else self._mem[user]
+
     def __setitem__(self, user: int, state: dict[str, Any]) -> None:
         path = self._disk.pop(user, None)
         if path is not None:
@@ -226,11 +232,13 @@ def _link_durably(source: Path, target: Path) -> None:
 class LocalTransport(LinkCharging):
     def __init__(self, link: Link, user_data: list[tuple[torch.Tensor, torch.Tensor]], seed: int,
                  device: torch.device, handlers: dict[str, Handler], state_memory_mb: float = 0.0,
-                 spill_dir: str | Path | None = None, checkpoint_dir: str | Path | None = None):
+                 spill_dir: str | Path | None = None, checkpoint_dir: str | Path | None = None,
+                 workers: int = 1):
         """``state_memory_mb`` > 0 caps the per-user state held in memory; idle users' states
         beyond it are spilled to a temporary folder under ``spill_dir`` (see :class:`UserStates`).
         With ``checkpoint_dir``, checkpoints keep the users' states there, one file per user,
-        and ``state_dict`` holds only their names."""
+        and ``state_dict`` holds only their names. ``workers`` > 1 serves the users of a request
+        in that many forked processes (:mod:`semfl.runtime.workers`; CPU only)."""
         self.link = link
         self.user_data = user_data
         self.seed = seed
@@ -243,15 +251,20 @@ class LocalTransport(LinkCharging):
         self._manifest: dict[int, str | None] | None = None
         self.round = 0
         self.on_user_done: Callable[[int], None] | None = None
+        self.workers = workers
+        if workers > 1 and device.type != "cpu":
+            raise ValueError(f"engine.workers = {workers}: worker processes are forked, which CUDA does not "
+                             f"survive; use engine.workers = 1 on {device}")
 
     @property
     def num_users(self) -> int:
         return len(self.user_data)
 
-    def context(self, user: int, kind: str) -> UserContext:
+    def context(self, user: int, kind: str, peek: bool = False) -> UserContext:
         x, y = self.user_data[user]
+        state = self.states.peek(user) if peek else self.states[user]
         return UserContext(user=user, round=self.round, x=x, y=y, snr_db=self.link.snr_db(self.round, user),
-                           state=self.states[user], seed=seeding.derive_seed(self.seed, self.round, user, kind),
+                           state=state, seed=seeding.derive_seed(self.seed, self.round, user, kind),
                            device=self.device)
 
     def send(self, users: Iterable[int], kind: str, payload: Payload | dict[int, Payload],
@@ -266,6 +279,10 @@ class LocalTransport(LinkCharging):
             raise KeyError(f"no user handler for request kind {kind!r} (have: {', '.join(sorted(self.handlers))})")
         handler = self.handlers[kind]
         replies: dict[int, Payload] = {}
+        users = list(users)
+        if self.workers > 1 and len(users) > 1:
+            self._send_parallel(users, kind, handler, payload, replies, on_reply)
+            return replies
         for user in users:
             request = self._downlink(user, payload)
             ctx = self.context(user, kind)
@@ -274,6 +291,24 @@ class LocalTransport(LinkCharging):
             self.states.enforce(touched=[user])
             self._uplink(user, reply, replies, on_reply)
         return replies
+
+    def _send_parallel(self, users: list[int], kind: str, handler: Handler, payload: Payload | dict[int, Payload],
+                       replies: dict[int, Payload], on_reply: Callable[[int, Payload], None] | None) -> None:
+        """:meth:`send` with the handlers run in forked workers; the link, the states and
+        ``on_reply`` are served here, user by user in order, as in the sequential loop."""
+        from semfl.runtime.workers import serve_users
+
+        def serve(user: int) -> tuple[Payload, dict[str, Any]]:  # runs in a worker
+            request = payload[user] if isinstance(payload, dict) else payload
+            ctx = self.context(user, kind, peek=True)
+            seeding.enter(ctx.seed)
+            return handler(ctx, request), ctx.state
+
+        for user, reply, state in serve_users(users, serve, self.workers):
+            self._downlink(user, payload)
+            self.states[user] = state
+            self.states.enforce(touched=[user])
+            self._uplink(user, reply, replies, on_reply)
 
     def send_batched(self, users: Iterable[int], kind: str, payload: Payload | dict[int, Payload],
                      on_reply: Callable[[int, Payload], None] | None = None) -> dict[int, Payload]:

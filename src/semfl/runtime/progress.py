@@ -1,6 +1,8 @@
 """A rich progress display for runs: classifier training, rounds, users, latest metrics."""
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -35,7 +37,13 @@ class RunProgress:
         return self.progress.__exit__(*exc)
 
     def log(self, message: str) -> None:
-        if self.enabled:
+        from semfl.runtime.workers import in_worker
+
+        if not self.enabled:
+            return
+        if in_worker():  # the console's lock may be held by a thread that did not survive the fork
+            os.write(2, f"[worker {os.getpid()}] {message}\n".encode())
+        else:
             self.progress.console.log(message)
 
     def classifier_task(self, samples: int):

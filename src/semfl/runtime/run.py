@@ -25,6 +25,7 @@ from semfl.runtime import seeding
 from semfl.runtime.checkpoint import atomic_text, load_checkpoint, read_jsonl, save_checkpoint, write_jsonl
 from semfl.runtime.local import LocalTransport
 from semfl.runtime.progress import RunProgress
+from semfl.runtime.workers import resolve_workers
 
 CHECKPOINT = "checkpoint/state.pt"
 CHECKPOINT_USERS = "checkpoint/users"  # the local transport's per-user states, one file each
@@ -104,7 +105,8 @@ def participants(cfg: Config, round_: int) -> list[int]:
 def local_transport(cfg: Config, run: RunContext, user_data, out_dir: Path) -> LocalTransport:
     return LocalTransport(run.link, user_data, cfg.seed, run.device, handlers={},
                           state_memory_mb=cfg.engine.state_memory_mb, spill_dir=out_dir,
-                          checkpoint_dir=Path(out_dir) / CHECKPOINT_USERS if out_dir is not None else None)
+                          checkpoint_dir=Path(out_dir) / CHECKPOINT_USERS if out_dir is not None else None,
+                          workers=resolve_workers(cfg.engine.workers))
 
 
 class Runner:
