@@ -148,3 +148,144 @@ def _children() -> set[int]:
 def test_bad_worker_settings_are_named(sets, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, sets)
+
+
+# ---------------------------------------------------------------- fork hazards and bounds
+@pytest.fixture
+def deadline():
+    """Fail instead of hanging: a deadlocked worker would otherwise stall the suite."""
+    import signal
+
+    def expired(signum, frame):
+        raise TimeoutError("serve_users did not finish: a worker is stuck")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def _convolve(user):
+    x = torch.randn(8, 16, 32, 32)
+    return float(torch.nn.functional.conv2d(x, torch.randn(16, 16, 3, 3)).sum()), {}
+
+
+def test_workers_run_after_the_parent_used_several_threads(deadline):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        _convolve(0)  # the parent's OpenMP pool now has threads, which a fork does not copy
+        got = list(serve_users([0, 1, 2, 3], _convolve, workers=2))  # 2 threads each would hang
+    finally:
+        torch.set_num_threads(before)
+    assert [u for u, _, _ in got] == [0, 1, 2, 3]
+
+
+def _chatty(user):
+    import sys
+
+    print(f"user {user} says hello")  # a handler's prints under a live progress display
+    print(f"user {user} warns", file=sys.stderr)
+    return user, {}
+
+
+def test_handlers_may_print_under_a_live_progress_display(deadline, capfd):
+    from rich.console import Console
+    from rich.progress import Progress
+
+    # a terminal console: Live then swaps sys.stdout/stderr for proxies that take the console's
+    # lock, which its refresh thread (gone in a fork) may hold when a worker is forked
+    console = Console(force_terminal=True, file=open(os.devnull, "w"))
+    with Progress(console=console, refresh_per_second=100) as progress:
+        task = progress.add_task("users", total=100)
+        for _ in range(50):
+            for user, _, _ in serve_users([0, 1], _chatty, workers=2):
+                progress.advance(task)
+    captured = capfd.readouterr()
+    assert "user 1 says hello" in captured.out  # straight to fd 1, not through rich's proxy
+    assert "user 1 warns" in captured.err
+
+
+class TwoArgumentError(Exception):
+    def __init__(self, what, why):  # pickles, but does not unpickle (Exception.args holds one string)
+        super().__init__(f"{what}: {why}")
+
+
+def _fails_oddly(user):
+    if user == 1:
+        raise TwoArgumentError("mentor", "diverged")
+    return user, {}
+
+
+def test_an_exception_that_does_not_unpickle_still_names_itself():
+    with pytest.raises(RuntimeError, match="user 1: TwoArgumentError: mentor: diverged") as info:
+        list(serve_users([0, 1, 2], _fails_oddly, workers=2))
+    assert any("_fails_oddly" in note for note in info.value.__notes__)
+
+
+def _slow_first(user):
+    if user == 0:
+        time.sleep(1.0)
+    return time.monotonic(), {}
+
+
+def test_a_slow_user_holds_back_only_a_few_finished_replies():
+    got = list(serve_users(list(range(20)), _slow_first, workers=2))
+    assert [u for u, _, _ in got] == list(range(20))
+    first_done = got[0][1]
+    ahead = [u for u, t, _ in got if u != 0 and t < first_done]
+    assert len(ahead) <= 3  # the window: at most 2 x workers places past the oldest unfinished user
+
+
+def test_a_state_set_back_is_the_most_recently_used(tmp_path):
+    states = UserStates(2, cap_bytes=5000, spill_parent=tmp_path)
+    states[0] = {"w": torch.zeros(1000)}
+    states[1] = {"w": torch.zeros(1000)}
+    states[0] = {"w": torch.ones(1000)}  # user 0 served last (a worker's reply)
+    states.enforce(touched=[0, 1])
+    assert [p.name for p in tmp_path.glob("state-spill-*/*.pt")] == ["user-1.pt"]
+
+
+def test_workers_die_with_a_killed_parent(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, threading, time\n"
+        "from semfl.runtime.workers import serve_users\n"
+        "def report():\n"
+        "    time.sleep(1.0)\n"
+        "    kids = [p for t in os.listdir('/proc/self/task') for p in open(f'/proc/self/task/{t}/children').read().split()]\n"
+        "    print(' '.join(kids), flush=True)\n"
+        "threading.Thread(target=report, daemon=True).start()\n"
+        "list(serve_users([0, 1], lambda u: time.sleep(60), workers=2))\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2
+    proc.send_signal(signal.SIGKILL)  # no unwinding: serve_users' cleanup never runs
+    proc.wait()
+
+    def alive(pid):
+        try:
+            return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] not in ("Z", "X")
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p for p in pids if alive(p)]
+    for pid in left:  # do not leave orphans behind a failing test
+        os.kill(pid, signal.SIGKILL)
+    assert not left
+
+
+def test_a_machine_with_a_gpu_refuses_workers(monkeypatch):
+    from semfl.link import Link  # noqa: F401 - the transport's link is not used before the check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match="this machine has a GPU"):
+        LocalTransport(None, [], 0, torch.device("cpu"), handlers={}, workers=2)

@@ -561,7 +561,9 @@ def bench(device: str = "cpu", quick: bool = False, out: Path = Path("benchmarks
 
 
 def cmd_bench(args) -> int:
-    parts = tuple(args.only.split(",")) if args.only else PARTS
+    cpu_only = ("workers",)  # forked workers: machines without a GPU
+    parts = tuple(args.only.split(",")) if args.only else \
+        tuple(p for p in PARTS if args.device == "cpu" or p not in cpu_only)
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         print(f"semfl: error: --only: unknown part {unknown[0]!r} (parts: {', '.join(PARTS)})", file=sys.stderr)

@@ -122,9 +122,9 @@ class EngineConfig:
     reply_timeout_s: float = 0.0
     # how long it waits at the start of a run for every user's node to connect
     connect_timeout_s: float = 120.0
-    # local transport: serve a request's users in this many forked worker processes, each with
-    # its share of torch's threads (1 = sequential in this process, 0 = one per CPU). CPU only.
-    # Same metrics as 1 where torch runs one thread per worker either way (see BENCHMARKS.md)
+    # local transport: serve a request's users in this many forked worker processes, one torch
+    # thread each (1 = sequential in this process, 0 = one per CPU). CPU-only machines. Same
+    # metrics as 1 run with one torch thread (see BENCHMARKS.md)
     workers: int = 1
 
 

@@ -123,6 +123,7 @@ class UserStates(MutableMapping):
         self._borrowed.pop(user, None)
         self._saved.pop(user, None)
         self._mem[user] = state
+        self._mem.move_to_end(user)  # just served (a worker's reply): the most recently used
         self._sizes.pop(user, None)
 
     def __delitem__(self, user: int) -> None:
@@ -252,9 +253,11 @@ class LocalTransport(LinkCharging):
         self.round = 0
         self.on_user_done: Callable[[int], None] | None = None
         self.workers = workers
-        if workers > 1 and device.type != "cpu":
+        if workers > 1 and (device.type != "cpu" or torch.cuda.is_available()):
+            # Sionna initialises CUDA whenever it reseeds on a machine with a GPU, even for cpu runs
             raise ValueError(f"engine.workers = {workers}: worker processes are forked, which CUDA does not "
-                             f"survive; use engine.workers = 1 on {device}")
+                             "survive, and this machine has a GPU: use engine.workers = 1 (on a GPU, "
+                             "train.vmap trains users together)")
 
     @property
     def num_users(self) -> int:
