@@ -289,3 +289,19 @@ def test_a_machine_with_a_gpu_refuses_workers(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ValueError, match="this machine has a GPU"):
         LocalTransport(None, [], 0, torch.device("cpu"), handlers={}, workers=2)
+
+
+def test_psfl_loads_the_mentor_foundations_before_forking(short, tmp_path, one_thread):
+    overrides = short + ["method=psfl", "foundation.samples=100", "foundation.epochs=1", "data.user_fraction=0.5"]
+    logs: list[str] = []
+    Runner(load_config(None, overrides + ["engine.workers=2"]), tmp_path / "two", show_progress=False,
+           log=logs.append).execute()
+    mentors = next(m for m in logs if m.startswith("mentors: "))
+    archs = {pair.split("=")[1] for pair in mentors.removeprefix("mentors: ").split(", ")}
+    for arch in archs:  # in this process's log, so not pretrained (or read) by each worker
+        assert any(m.startswith(f"foundation {arch}") for m in logs), (arch, logs)
+    parallel = read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    rows_of(overrides + ["engine.workers=1"], tmp_path / "one")
+    sequential = read_jsonl(tmp_path / "one" / "metrics.jsonl")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
+    assert strip(parallel) == strip(sequential)

@@ -120,6 +120,10 @@ class PSFL(Method):
             q = self.cfg.train.participation
             self.accountant = PrivacyAccountant(self.options.dp_noise_multiplier, self.options.dp_delta, q)
         run.log("mentors: " + ", ".join(f"u{k}={m}" for k, m in enumerate(self.mentor_of)))
+        if getattr(transport, "workers", 1) > 1 and self.cfg.table("foundation").samples:
+            # loaded (or pretrained) once here, where forked workers inherit them, not once per worker
+            for arch in sorted(set(self.mentor_of)):
+                foundation_weights(run, arch, lambda arch=arch: build_semantic_model(run, arch))
 
     # ---------------------------------------------------------------- users
     def handlers(self):
