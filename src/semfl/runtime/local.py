@@ -253,7 +253,7 @@ class LocalTransport(LinkCharging):
         self.round = 0
         self.on_user_done: Callable[[int], None] | None = None
         self.workers = workers
-        if workers > 1 and (device.type != "cpu" or torch.cuda.is_available()):
+        if workers > 1 and torch.cuda.is_available():  # (a cuda device implies this too)
             # Sionna initialises CUDA whenever it reseeds on a machine with a GPU, even for cpu runs
             raise ValueError(f"engine.workers = {workers}: worker processes are forked, which CUDA does not "
                              "survive, and this machine has a GPU: use engine.workers = 1 (on a GPU, "
@@ -302,10 +302,9 @@ class LocalTransport(LinkCharging):
         from semfl.runtime.workers import serve_users
 
         def serve(user: int) -> tuple[Payload, dict[str, Any]]:  # runs in a worker
-            request = payload[user] if isinstance(payload, dict) else payload
             ctx = self.context(user, kind, peek=True)
             seeding.enter(ctx.seed)
-            return handler(ctx, request), ctx.state
+            return handler(ctx, self._request_for(user, payload)), ctx.state
 
         for user, reply, state in serve_users(users, serve, self.workers):
             self._downlink(user, payload)

@@ -15,9 +15,14 @@ class LinkCharging:
     round: int = 0
     on_user_done: Callable[[int], None] | None = None
 
+    @staticmethod
+    def _request_for(user: int, payload: Payload | dict[int, Payload]) -> Payload:
+        """The request for `user`: the broadcast payload or its own."""
+        return payload[user] if isinstance(payload, dict) else payload
+
     def _downlink(self, user: int, payload: Payload | dict[int, Payload]) -> Payload:
-        """The request for `user` (broadcast or its own), charged to its downlink."""
-        request = payload[user] if isinstance(payload, dict) else payload
+        """The request for `user`, charged to its downlink."""
+        request = self._request_for(user, payload)
         self.link.send(self.round, user, "downlink", request.bits())
         return request
 
