@@ -52,6 +52,10 @@ class CSC(SemanticModel):
             nn.ConvTranspose2d(d2, spec.channels, 3, 1, 1), nn.Sigmoid(),
         )
 
+    # FineFed splits the model between a sender (encoder side) and a receiver (decoder side)
+    sender_prefixes = ("stem.", "stages.", "project.", "codec.encoder.")
+    receiver_prefixes = ("codec.decoder.", "decoder.")
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         feat = self.project(self.stages(self.stem(images)))
         return feat.flatten(2).transpose(1, 2)  # (B, T, D)
@@ -59,6 +63,14 @@ class CSC(SemanticModel):
     def decode(self, C: torch.Tensor) -> torch.Tensor:
         grid = C.transpose(1, 2).reshape(C.shape[0], self.semantic_dim, *self.grid)
         return self.decoder(grid)
+
+    def transmit_symbols(self, images: torch.Tensor) -> torch.Tensor:
+        """The sender's half: images -> X, (B, n) complex channel input of unit mean power."""
+        return self.codec.encode(self.encode(images))
+
+    def reconstruct(self, Y: torch.Tensor) -> torch.Tensor:
+        """The receiver's half: (B, n) received complex symbols -> reconstructed images."""
+        return self.decode(self.codec.decode(Y, self.tokens))
 
     def forward(self, images: torch.Tensor, snr_db) -> SemanticOutput:
         S = self.encode(images)

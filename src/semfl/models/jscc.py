@@ -43,18 +43,36 @@ class DeepJSCC(SemanticModel):
             nn.ConvTranspose2d(a, spec.channels, 5, 2, 2, output_padding=1), nn.Sigmoid(),
         )
 
+    # FineFed splits the model between a sender (encoder side) and a receiver (decoder side)
+    sender_prefixes = ("encoder.", "to_symbols.")
+    receiver_prefixes = ("from_symbols.", "decoder.")
+
     def _tokens(self, fmap: torch.Tensor) -> torch.Tensor:
         return fmap.flatten(2).transpose(1, 2)
 
-    def forward(self, images: torch.Tensor, snr_db) -> SemanticOutput:
+    def _symbols(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feat = self.encoder(images)
         z = self.to_symbols(feat)  # (B, 2s, h, w): symbol pairs per position
         z = z.float().reshape(z.shape[0], self.symbols_per_token, 2, -1).permute(0, 3, 1, 2)  # (B, T, s, 2), fp32
-        X = power_normalize(torch.view_as_complex(z.contiguous()).reshape(z.shape[0], -1))
-        Y = torch.view_as_real(self.channel(X, snr_db)).reshape(z.shape[0], self.tokens, self.symbols_per_token, 2)
-        y_map = Y.permute(0, 2, 3, 1).reshape(z.shape[0], 2 * self.symbols_per_token, *self.grid)
-        c_map = self.from_symbols(y_map)
-        return SemanticOutput(S=self._tokens(feat), X=X, C=self._tokens(c_map), recon=self.decoder(c_map))
+        return feat, power_normalize(torch.view_as_complex(z.contiguous()).reshape(z.shape[0], -1))
+
+    def _received(self, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.view_as_real(Y).reshape(Y.shape[0], self.tokens, self.symbols_per_token, 2)
+        c_map = self.from_symbols(y.permute(0, 2, 3, 1).reshape(Y.shape[0], 2 * self.symbols_per_token, *self.grid))
+        return c_map, self.decoder(c_map)
+
+    def transmit_symbols(self, images: torch.Tensor) -> torch.Tensor:
+        """The sender's half: images -> X, (B, n) complex channel input of unit mean power."""
+        return self._symbols(images)[1]
+
+    def reconstruct(self, Y: torch.Tensor) -> torch.Tensor:
+        """The receiver's half: (B, n) received complex symbols -> reconstructed images."""
+        return self._received(Y)[1]
+
+    def forward(self, images: torch.Tensor, snr_db) -> SemanticOutput:
+        feat, X = self._symbols(images)
+        c_map, recon = self._received(self.channel(X, snr_db))
+        return SemanticOutput(S=self._tokens(feat), X=X, C=self._tokens(c_map), recon=recon)
 
 
 @register_arch("jscc")

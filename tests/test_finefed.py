@@ -1,0 +1,184 @@
+"""FineFed: pair topology, the model's two halves, exact encoder/decoder phases against autograd,
+exact relay bits, config errors and a whole run whose pair models beat the federated model."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from semfl.codecs import Payload
+from semfl.codecs.base import META_BITS
+from semfl.config import ConfigError, load_config
+from semfl.methods.common import build_semantic_model
+from semfl.methods.finefed import FineFed, receivers_of, senders_of
+from semfl.runtime import seeding
+from semfl.runtime.checkpoint import read_jsonl
+from semfl.runtime.local import LocalTransport
+from semfl.runtime.run import Runner, build_context
+from semfl.training import load_weights, snr_tensor
+
+
+def test_receivers_follow_the_authors_topology_and_never_include_the_sender():
+    assert [receivers_of(i, 10, 2) for i in range(3)] == [[5, 6], [6, 7], [7, 8]]
+    assert receivers_of(9, 10, 2) == [4, 5]
+    assert senders_of(5, 10, 2) == [0, 9]
+    assert [receivers_of(i, 3, 2) for i in range(3)] == [[1, 2], [2, 0], [0, 1]]
+    assert receivers_of(0, 2, 2) == [1] and receivers_of(1, 2, 5) == [0]
+    for k in (2, 3, 7, 10):
+        for i in range(k):
+            r = receivers_of(i, k, 3)
+            assert i not in r and len(set(r)) == len(r) == min(3, k - 1)
+
+
+@pytest.mark.parametrize("arch", ["jscc", "csc"])
+def test_halves_partition_the_model_and_compose_to_its_forward(arch):
+    cfg = load_config(None, ["scale=tiny", f"model.arch={arch}"])
+    from semfl.channel import make_channel
+    from semfl.models import ImageSpec, build_model
+
+    model = build_model(arch, "tiny", ImageSpec(1, 28, 28, 10), make_channel(cfg.channel))
+    names = [n for n, _ in model.named_parameters()]
+    sender = [n for n in names if n.startswith(model.sender_prefixes)]
+    receiver = [n for n in names if n.startswith(model.receiver_prefixes)]
+    assert sorted(sender + receiver) == sorted(names) and not set(sender) & set(receiver)
+    x = torch.rand(4, 1, 28, 28)
+    snr = snr_tensor(8.0, 4, x.device)
+    seeding.enter(3)  # torch's and Sionna's generators: the same channel noise twice
+    whole = model(x, snr).recon
+    seeding.enter(3)
+    split = model.reconstruct(model.channel(model.transmit_symbols(x), snr))
+    torch.testing.assert_close(split, whole)
+
+
+@pytest.fixture(scope="module")
+def base(fmnist_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("finefed")
+    return [f"data.root={fmnist_root}", f"classifier.cache_dir={tmp / 'cache'}", "scale=tiny", "data.download=false",
+            "data.test_samples=100", "classifier.epochs=1", "eval.snr_sweep=[]", "users=3", "model.arch=jscc",
+            "method=finefed", "data.partition=iid", "data.max_per_user=40"], tmp
+
+
+def make_method(overrides):
+    cfg = load_config(None, overrides)
+    run, user_data = build_context(cfg, None, log=lambda m: None)
+    transport = LocalTransport(run.link, user_data, cfg.seed, run.device, handlers={})
+    method = FineFed(run, transport)
+    transport.handlers = method.handlers()
+    transport.round = 2
+    transport.send(range(cfg.users), "personalise", Payload(method.global_weights, codec="dense"))
+    method.personalised = True
+    return cfg, run, user_data, method, transport
+
+
+# a channel this clean adds nothing a float32 symbol can hold, so autograd without it is the reference
+EXACT = ["finefed.batches_per_message=1", "train.batch_size=64", "channel.train_snr=fixed", "channel.snr_db=300",
+         "finefed.lr=0.001"]
+
+
+def shard(x, k):
+    return x[k::2]  # each user has two receivers: interleaved shards 0 and 1
+
+
+def test_encoder_phase_is_one_adam_step_on_the_summed_pair_losses(base):
+    overrides, _ = base
+    cfg, run, user_data, method, transport = make_method(overrides + EXACT)
+    sender = 0
+    method.encoder_phase(sender, method.receivers[sender])
+
+    reference = build_semantic_model(run, "jscc")
+    load_weights(reference, method.global_weights)  # every receiver still holds the federated decoder
+    params = [p for n, p in reference.named_parameters() if n.startswith(reference.sender_prefixes)]
+    x = user_data[sender][0]
+    loss = sum(F.mse_loss(reference.reconstruct(reference.transmit_symbols(shard(x, k))), shard(x, k)) for k in (0, 1))
+    opt = torch.optim.Adam(params, lr=1e-3)
+    loss.backward()
+    opt.step()
+    got = transport.states[sender]["sender"]
+    for name, p in reference.named_parameters():
+        if name.startswith(reference.sender_prefixes):
+            torch.testing.assert_close(got[name], p.detach(), rtol=1e-5, atol=1e-7)
+            assert not torch.equal(got[name], method.global_weights[name])  # it did move
+    assert transport.states[1]["receiver"].keys() == {n for n in method.global_weights if n.startswith(reference.receiver_prefixes)}
+
+
+def test_decoder_phase_is_one_adam_step_on_the_union_of_its_senders(base):
+    overrides, _ = base
+    cfg, run, user_data, method, transport = make_method(overrides + EXACT + ["train.batch_size=128"])
+    for i in range(3):
+        method.encoder_phase(i, method.receivers[i])
+    receiver = 0
+    senders = method.senders[receiver]
+    assert senders == [1, 2]
+    method.decoder_phase(receiver, senders)
+
+    reference = build_semantic_model(run, "jscc")
+    load_weights(reference, method.global_weights)
+    images, symbols = [], []
+    for i in senders:
+        load_weights(reference, transport.states[i]["sender"])  # the senders' fine-tuned encoders, fixed
+        part = shard(user_data[i][0], method.receivers[i].index(receiver))
+        with torch.no_grad():
+            symbols.append(reference.transmit_symbols(part))
+        images.append(part)
+    load_weights(reference, method.global_weights)
+    params = [p for n, p in reference.named_parameters() if n.startswith(reference.receiver_prefixes)]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    F.mse_loss(reference.reconstruct(torch.cat(symbols)), torch.cat(images)).backward()
+    opt.step()
+    got = transport.states[receiver]["receiver"]
+    for name, p in reference.named_parameters():
+        if name.startswith(reference.receiver_prefixes):
+            torch.testing.assert_close(got[name], p.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_relay_charges_every_hop_exactly(base):
+    overrides, _ = base
+    cfg, run, user_data, method, transport = make_method(overrides + EXACT)
+    run.link.drain(2)  # forget the personalise broadcast
+    method.encoder_phase(0, [1, 2])
+    links = {r["user"]: r for r in run.link.drain(2)}
+    symbols = build_semantic_model(run, "jscc").transmit_symbols(user_data[0][0][:1]).shape[1]
+    n = {j: len(shard(user_data[0][0], k)) for k, j in enumerate([1, 2])}
+    y_bits = {j: n[j] * symbols * 2 * 32 for j in n}  # float32 real and imaginary parts
+    x_bits = {j: n[j] * 28 * 28 * 8 for j in n}  # 8-bit pixels
+    # sender: one message of symbols + images (+ one batch size per pair), then an empty reply
+    assert links[0]["uplink_bits"] == sum(y_bits[j] + x_bits[j] + META_BITS for j in n)
+    # sender downlink: the first request names the 2 receivers; the second carries their gradients too
+    assert links[0]["downlink_bits"] == 2 * 2 * META_BITS + sum(y_bits.values())
+    for j in n:  # relayed symbols + images + batch size down, the gradient + its loss up
+        assert links[j]["downlink_bits"] == y_bits[j] + x_bits[j] + META_BITS
+        assert links[j]["uplink_bits"] == y_bits[j] + META_BITS
+
+
+def test_config_errors_name_the_field(base):
+    overrides, _ = base
+    with pytest.raises(ConfigError, match=r"^users"):
+        load_config(None, ["method=finefed", "users=1"])
+    with pytest.raises(ConfigError, match=r"^finefed.fedavg_rounds"):
+        load_config(None, ["method=finefed", "rounds=3", "finefed.fedavg_rounds=4"])
+    with pytest.raises(ConfigError, match=r"^finefed.batches_per_message"):
+        load_config(None, ["method=finefed", "finefed.batches_per_message=0"])
+    with pytest.raises(ConfigError, match=r"^train.precision"):
+        load_config(None, ["method=finefed", "train.precision=bf16"])
+    cfg = load_config(None, overrides + ["model.arch=gsc-m"])
+    run, user_data = build_context(cfg, None, log=lambda m: None)
+    with pytest.raises(ConfigError, match=r"^model.arch"):
+        FineFed(run, LocalTransport(run.link, user_data, cfg.seed, run.device, handlers={}))
+
+
+def test_fine_tuned_pairs_beat_the_federated_model(base):
+    overrides, tmp = base
+    cfg = load_config(None, overrides + ["rounds=6", "finefed.fedavg_rounds=3", "finefed.lr=0.003",
+                                         "train.optimizer=adam", "train.lr=0.003", "train.task_weight=0",
+                                         "data.max_per_user=120", "finefed.train_snrs=[4.0, 10.0]"])
+    out = tmp / "run"
+    Runner(cfg, out, show_progress=False, log=lambda m: None).execute()
+    rows = read_jsonl(out / "metrics.jsonl")
+    glob = {r["round"]: r for r in rows if r["scope"] == "global"}
+    assert [glob[r]["stage"] for r in range(1, 7)] == [1, 1, 1, 2, 2, 2]
+    assert "federated_psnr_db" not in glob[3] and glob[6]["pairs"] == 6
+    assert glob[6]["psnr_db"] > glob[6]["federated_psnr_db"] + 0.1
+    users = [r for r in rows if r["scope"] == "user" and r["round"] == 6]
+    assert [r["receivers"] for r in users] == ["1,2", "2,0", "0,1"]
+    assert all(r["decoder_loss"] > 0 and r["encoder_loss"] > 0 for r in users)
+    assert (out / "figures" / "reconstructions.png").is_file() and (out / "report.html").is_file()
