@@ -182,3 +182,25 @@ def test_fine_tuned_pairs_beat_the_federated_model(base):
     assert [r["receivers"] for r in users] == ["1,2", "2,0", "0,1"]
     assert all(r["decoder_loss"] > 0 and r["encoder_loss"] > 0 for r in users)
     assert (out / "figures" / "reconstructions.png").is_file() and (out / "report.html").is_file()
+
+
+def test_killed_in_stage_two_resumes_to_the_uninterrupted_run(base, monkeypatch):
+    overrides, tmp = base
+    cfg = load_config(None, overrides + ["rounds=2", "finefed.fedavg_rounds=1", "finefed.batches_per_message=1",
+                                         "train.batch_size=16"])
+    Runner(cfg, tmp / "whole", show_progress=False, log=lambda m: None).execute()
+    original = FineFed.decoder_phase
+
+    def killed(self, receiver, senders):
+        if self.transport.round == 2:
+            raise KeyboardInterrupt  # after the first stage-2 round's encoder phase changed the encoders
+        return original(self, receiver, senders)
+
+    monkeypatch.setattr(FineFed, "decoder_phase", killed)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(cfg, tmp / "resumed", show_progress=False, log=lambda m: None).execute()
+    monkeypatch.setattr(FineFed, "decoder_phase", original)
+    Runner(cfg, tmp / "resumed", resume=True, show_progress=False, log=lambda m: None).execute()
+    keep = ("round", "scope", "user", "loss", "psnr_db", "encoder_loss", "decoder_loss", "uplink_bits", "downlink_bits")
+    rows = [[{k: r.get(k) for k in keep} for r in read_jsonl(tmp / d / "metrics.jsonl")] for d in ("whole", "resumed")]
+    assert rows[0] == rows[1]
