@@ -46,3 +46,12 @@ def tiny_overrides(fmnist_root, tmp_path) -> list[str]:
     return [f"data.root={fmnist_root}", f"classifier.cache_dir={tmp_path / 'cache'}", "scale=tiny", "users=3",
             "rounds=3", "data.download=false", "data.test_samples=100", "eval.grid_images=4",
             "eval.snr_sweep=[0.0, 10.0]", "train.lr=0.05", "classifier.epochs=3"]
+
+
+# methods that need a model family other than the default (csc) in the tests that run every method
+METHOD_MODELS = {"fedsfr": "vq-jscc"}
+
+
+def method_overrides(method: str) -> list[str]:
+    """``--set`` overrides that select a method, with the model family it needs."""
+    return [f"method={method}"] + ([f"model.arch={METHOD_MODELS[method]}"] if method in METHOD_MODELS else [])

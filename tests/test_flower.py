@@ -10,6 +10,7 @@ pytest.importorskip("flwr")
 
 from semfl.codecs import Payload  # noqa: E402
 from semfl.config import load_config  # noqa: E402
+from conftest import method_overrides  # noqa: E402
 from semfl.methods import available_methods  # noqa: E402
 from semfl.privacy import MaskedUpdate  # noqa: E402
 from semfl.runtime.checkpoint import read_jsonl  # noqa: E402
@@ -109,7 +110,7 @@ def test_client_app_serves_every_methods_kinds():
 # ---------------------------------------------------------------- equivalence
 @pytest.mark.parametrize("method", sorted(available_methods()))
 def test_flower_adapter_matches_local_transport(method, flower_overrides, tmp_path):
-    overrides = flower_overrides + [f"method={method}"]
+    overrides = flower_overrides + method_overrides(method)
     local = run_local(overrides, tmp_path / "local")
     flower = run_flower(overrides, tmp_path / "flower")
     assert_same_metrics(local, flower)  # link rows included: per user and round, bits compared exactly

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from semfl.config import ConfigError, load_config
+from conftest import method_overrides
 from semfl.methods import available_methods
 from semfl.runtime.checkpoint import read_jsonl
 from semfl.runtime.local import LocalTransport, UserStates
@@ -95,7 +96,7 @@ def test_peek_reads_a_spilled_state_and_keeps_its_file(tmp_path):
 # ---------------------------------------------------------------- whole runs
 @pytest.mark.parametrize("method", sorted(available_methods()))
 def test_workers_give_the_sequential_metrics(method, short, tmp_path, one_thread):
-    overrides = short + [f"method={method}"]
+    overrides = short + method_overrides(method)
     sequential = rows_of(overrides + ["engine.workers=1"], tmp_path / "one")
     parallel = rows_of(overrides + ["engine.workers=2"], tmp_path / "two")
     assert parallel == sequential  # exactly: link bits, losses, PSNR, every user's row

@@ -212,3 +212,63 @@ def qsgd(x: Tensor, s: int, generator: torch.Generator) -> Tensor:
 def qsgd_bits(numel: int, s: int) -> int:
     """32 bits for the norm (grid unit) + per entry a sign bit and ceil(log2(s + 1)) level bits."""
     return SCALAR_BITS + numel * (1 + math.ceil(math.log2(s + 1)))
+
+
+# --------------------------------------------------------------------------- FedSFR's stochastic VQ
+def stochastic_grid_quantize(values: Tensor, grid: Tensor, generator: torch.Generator) -> Tensor:
+    """FedSFR's stochastic VQ of kept update values onto the M-QAM grid, unbiased.
+
+    The values are scaled by g_max / max|values| into [-g_max, g_max] (g_max: the grid's largest
+    coordinate, known to everyone; max|values| is sent), and each lands on one of its two neighbouring
+    grid coordinates with linear probabilities. For a 2-D pair that is the paper's pick among the four
+    corners of its cell with bilinear probabilities (they factor per coordinate). The output is the
+    picked coordinate scaled back: never 0, since square QAM has no zero coordinate."""
+    scale = values.detach().abs().max() if values.numel() else values.new_zeros(())
+    if values.numel() == 0 or scale == 0:
+        return torch.zeros_like(values)
+    grid = grid.to(values.device, torch.float64)
+    g_max = grid[-1]
+    u = (values.detach().to(torch.float64) / scale.to(torch.float64) * g_max).clamp(-g_max, g_max)
+    hi_index = torch.searchsorted(grid, u).clamp(1, len(grid) - 1)
+    lo, hi = grid[hi_index - 1], grid[hi_index]
+    draw = torch.rand(values.shape, generator=generator, dtype=torch.float64, device=generator.device).to(values.device)
+    picked = torch.where(draw < (u - lo) / (hi - lo), hi, lo)
+    return (picked * scale.to(torch.float64) / g_max).to(values.dtype)
+
+
+def svq_bits(numel: int, kept: int, bits_per_symbol: int) -> int:
+    """Top-k + stochastic VQ of one tensor: the scale and the count (32 bits each), the positions
+    (index list or bitmap, the cheaper) and one codeword index per pair of kept values."""
+    from semfl.codecs.sparse import position_bits
+
+    return 2 * SCALAR_BITS + position_bits(numel, kept) + math.ceil(kept / 2) * bits_per_symbol
+
+
+def svq_fraction_for_budget(numels: Iterable[int], budget_bits: float, bits_per_symbol: int) -> float:
+    """The largest per-layer keep fraction whose payload fits ``budget_bits`` (0 when not even the
+    per-tensor scalars fit; the search runs on the exact bit count)."""
+    numels = list(numels)
+    total = lambda p: sum(svq_bits(n, keep_count(p, n), bits_per_symbol) for n in numels)  # noqa: E731
+    if total(1.0) <= budget_bits:
+        return 1.0
+    if total(0.0) > budget_bits:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(mid) <= budget_bits else (lo, mid)
+    return lo
+
+
+def svq_error_feedback(delta: Mapping[str, Tensor], residual: Mapping[str, Tensor] | None, fraction: float,
+                       grid: Tensor, generator: torch.Generator) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """v = delta + e; per tensor keep the top-k of |v|, quantise the kept values stochastically;
+    e_new = v - sent (the memory holds the sparsification and the quantisation error)."""
+    sent, new_residual = {}, {}
+    for name, d in delta.items():
+        v = d + residual[name] if residual is not None else d.clone()
+        mask = topk_mask(v, keep_count(fraction, v.numel()))
+        q = torch.zeros_like(v)
+        q[mask] = stochastic_grid_quantize(v[mask], grid, generator)
+        sent[name], new_residual[name] = q, v - q
+    return sent, new_residual

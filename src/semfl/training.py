@@ -80,6 +80,8 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
             with autocast(cfg.precision, images.device):
                 out = model(images, snr_tensor(snr_db, len(idx), images.device))
                 loss, _ = reconstruction_loss(out.recon, images, labels, classifier, cfg.task_weight)
+                if out.aux is not None:
+                    loss = loss + out.aux
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             clip_gradients(model, cfg.grad_clip)

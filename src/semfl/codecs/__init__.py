@@ -12,5 +12,6 @@ from semfl.codecs import sparse as _sparse  # noqa: F401
 from semfl.codecs import stc as _stc  # noqa: F401
 from semfl.codecs import ternary as _ternary  # noqa: F401
 from semfl.codecs import qsgd as _qsgd  # noqa: F401
+from semfl.codecs import svq as _svq  # noqa: F401
 
 __all__ = ["Codec", "Payload", "available_codecs", "get_codec", "register_codec"]

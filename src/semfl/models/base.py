@@ -19,6 +19,7 @@ class SemanticOutput:
     X: torch.Tensor  # channel input, complex (B, n_symbols), unit average power per image
     C: torch.Tensor  # channel-decoder output (B, tokens, semantic_dim)
     recon: torch.Tensor  # reconstruction in [0, 1], same shape as the input image
+    aux: torch.Tensor | None = None  # a model's own training-loss term (VQ codeword usage), added by local_train
 
 
 @dataclass(frozen=True)

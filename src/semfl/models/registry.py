@@ -65,6 +65,7 @@ def _load_families() -> None:
     # importing a family module registers it
     import semfl.models.csc  # noqa: F401
     import semfl.models.jscc  # noqa: F401
+    import semfl.models.vqjscc  # noqa: F401
     try:
         import semfl.models.gsc  # noqa: F401
     except ModuleNotFoundError as exc:  # GSC mentors live in their own module

@@ -1,0 +1,200 @@
+"""FedSFR ("Federated learning enhanced by feature reconstruction for semantic communication module
+updates of agents"): FL of a VQ-based digital JSCC (models/vqjscc.py) under uplink capacity limits,
+with a feature-reconstruction (FR) step at the base station.
+
+Every user trains locally on all its samples (train_delta: private and public together). Its uplink
+budget this round is the capacity of its link: link.uplink_bandwidth_hz * fedsfr.slot_s *
+log2(1 + SNR) bits, the payload's metadata included.
+- Users at or above ``fedsfr.threshold_db`` (S_u) send their update, error feedback included: per
+  tensor the top-k of |dW + e|, with k set by the largest per-layer keep fraction whose exact bit
+  count fits the budget. The kept values are then quantised stochastically onto the QAM grid
+  (compress.svq_error_feedback, codec ``svq<b>``).
+- Users below it (S_m) send codeword indices of their trained encoder's features. These come from a
+  random subset of their public samples (``fedsfr.public_fraction`` of each user's data, fixed per
+  user), as many images as the budget carries (codec ``index<b>``: b bits per vector). Their error
+  memory is reset.
+The base station adds the data-size-weighted mean of the S_u updates to the global model (eq 12).
+It then takes ``fedsfr.server_epochs`` epochs of SGD (``fedsfr.server_lr``, smaller than the
+clients', Theorem 1) on the FR loss (eq 16): codewords c -> virtual channel at channel.snr_db ->
+detection -> D -> E -> z_hat, loss mean |z_hat - c|^2. Then it broadcasts the model.
+``fedsfr.mode = "compressed-fedavg"`` is the paper's "FedAvg with the same compression" baseline:
+every user sends its compressed update, and there is no FR.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from semfl.codecs import Payload
+from semfl.codecs.base import META_BITS, _count_scalars
+from semfl.compress import svq_error_feedback, svq_fraction_for_budget
+from semfl.config import ConfigError, register_table
+from semfl.methods.base import register_method
+from semfl.methods.common import loss_rows, reply_meta, to_cpu, to_device, train_delta
+from semfl.methods.fedavg import FedAvg
+from semfl.models.vqjscc import nearest_codeword
+from semfl.runtime import seeding
+from semfl.runtime.local import UserContext
+from semfl.training import RunningAverage, batches, evaluate_semantic, load_weights, make_optimizer, snr_tensor, weights_of
+
+MODES = ("fr", "compressed-fedavg")
+
+
+@dataclass
+class FedSFROptions:
+    mode: str = "fr"  # fr: FedSFR; compressed-fedavg: every user sends a compressed update, no FR
+    threshold_db: float = 10.0  # users at or above this link SNR send updates, the others features
+    slot_s: float = 0.05  # uplink time per round: the budget is B_up * slot_s * log2(1 + SNR) bits
+    public_fraction: float = 0.2  # of each user's samples: its public data, where features come from
+    server_epochs: int = 3  # the paper: 3
+    server_lr: float = 0.0  # FR learning rate; 0 = train.lr / 10
+    server_batch_size: int = 0  # 0 = train.batch_size
+    bits_per_symbol: int = 8  # codebook = 2**b-QAM (the paper: 256-QAM)
+    margin: float = 0.1  # encoder output bound (1 - margin) * max|codeword coordinate|
+    usage_weight: float = 0.01  # beta of eq 3 (codeword usage KL)
+    measure_fr: bool = False  # evaluate the global model before and after FR each round (fr_gain_db)
+
+    def validate(self, cfg) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"fedsfr.mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
+        if cfg.method == "fedsfr" and cfg.model.arch != "vq-jscc":
+            raise ConfigError(f"model.arch: fedsfr trains the VQ-based digital JSCC; set model.arch = 'vq-jscc' "
+                              f"(got {cfg.model.arch!r})")
+        if self.bits_per_symbol not in (4, 6, 8):
+            raise ConfigError(f"fedsfr.bits_per_symbol: expected 4, 6 or 8 (16-, 64- or 256-QAM), got {self.bits_per_symbol}")
+        if self.slot_s <= 0:
+            raise ConfigError(f"fedsfr.slot_s: must be > 0, got {self.slot_s}")
+        if not 0 < self.public_fraction <= 1:
+            raise ConfigError(f"fedsfr.public_fraction: must be in (0, 1], got {self.public_fraction}")
+        if self.server_epochs < 0 or self.server_lr < 0 or self.server_batch_size < 0:
+            raise ConfigError("fedsfr.server_epochs: server_epochs, server_lr and server_batch_size must be >= 0")
+        if not 0 <= self.margin < 1 or self.usage_weight < 0:
+            raise ConfigError(f"fedsfr.margin: must be in [0, 1) (and usage_weight >= 0), got {self.margin}")
+
+
+register_table("fedsfr", FedSFROptions)
+
+
+def capacity_bits(bandwidth_hz: float, slot_s: float, snr_db: float) -> int:
+    """Bits an error-free uplink carries in one slot at this SNR (Shannon)."""
+    return int(bandwidth_hz * slot_s * math.log2(1 + 10 ** (snr_db / 10)))
+
+
+@register_method
+class FedSFR(FedAvg):
+    name = "fedsfr"
+    precisions = ("fp32",)
+
+    def __init__(self, run, transport):
+        super().__init__(run, transport)
+        self.options: FedSFROptions = self.cfg.table("fedsfr")
+        o = self.options
+        self.model.configure(o.bits_per_symbol, o.margin, o.usage_weight)
+
+    def handlers(self):
+        return {"train": self.user_train}  # no vmap: compression is per user
+
+    # ---------------------------------------------------------------- users
+    def public_indices(self, ctx: UserContext) -> torch.Tensor:
+        """The user's public samples: a fixed ``public_fraction`` of its data, the same every round."""
+        n = ctx.num_samples
+        order = torch.randperm(n, generator=seeding.generator(self.cfg.seed, "public", ctx.user))
+        return order[:max(1, math.ceil(self.options.public_fraction * n))].to(ctx.x.device)
+
+    def sends_features(self, snr_db: float) -> bool:
+        return self.options.mode == "fr" and snr_db < self.options.threshold_db
+
+    def user_train(self, ctx: UserContext, payload: Payload) -> Payload:
+        o = self.options
+        delta, loss, _ = train_delta(self.run, self.model, payload.tensors, ctx)
+        budget = capacity_bits(self.cfg.link.uplink_bandwidth_hz, o.slot_s, ctx.snr_db)
+        meta = {**reply_meta(self.run, self.model, ctx, loss), "budget_bits": budget}
+        if self.sends_features(ctx.snr_db):
+            ctx.state.pop("residual", None)  # the error memory is reset for S_m
+            meta["images"] = 0
+            per_image = self.model.tokens * self.model.symbols_per_token * o.bits_per_symbol
+            public = self.public_indices(ctx)
+            count = min(len(public), max(0, (budget - META_BITS * _count_scalars(meta)) // per_image))
+            pick = public[torch.randperm(len(public), generator=ctx.generator("public"))[:count].to(public.device)]
+            meta["images"] = int(count)
+            with torch.no_grad():  # the model holds the user's trained weights
+                indices = nearest_codeword(self.model.features(ctx.x[pick]), self.model.codebook)
+            dtype = torch.uint8 if o.bits_per_symbol <= 8 else torch.int16
+            return Payload({"indices": indices.to(dtype).cpu()}, codec=f"index{o.bits_per_symbol}", meta=meta)
+        meta["keep_fraction"] = 0.0
+        room = budget - META_BITS * _count_scalars(meta)
+        fraction = svq_fraction_for_budget([d.numel() for d in delta.values()], room, o.bits_per_symbol)
+        meta["keep_fraction"] = fraction
+        sent, residual = svq_error_feedback(delta, to_device(ctx.state.get("residual"), self.run.device), fraction,
+                                            self.model.qam_grid, ctx.generator("svq"))
+        ctx.state["residual"] = to_cpu(residual)
+        return Payload(sent, codec=f"svq{o.bits_per_symbol}", meta=meta)
+
+    # ---------------------------------------------------------------- base station
+    def run_round(self, round_: int, users: list[int]) -> dict[str, Any]:
+        updates, features, metas = RunningAverage(), [], {}
+
+        def collect(user, reply):
+            metas[user] = reply.meta
+            if "indices" in reply.tensors:
+                features.append(reply.tensors["indices"])
+            else:
+                updates.add(reply.tensors, reply.meta["num_samples"])
+
+        self.transport.send(users, "train", Payload(self.global_weights, codec="dense"), on_reply=collect)
+        if updates.weight > 0:  # eq 12: the S_u updates, weighted by their data sizes
+            mean = updates.result(self.global_weights)
+            self.global_weights = {k: v + mean[k] for k, v in self.global_weights.items()}
+        info: dict[str, Any] = {"update_users": sum("images" not in m for m in metas.values())}
+        info["feature_users"] = len(metas) - info["update_users"]
+        vectors = torch.cat([f.reshape(-1, f.shape[-1]) for f in features if len(f)]) if features else None
+        if vectors is not None and len(vectors) and self.options.server_epochs > 0:
+            before = self.test_psnr() if self.options.measure_fr else None
+            info["fr_loss"] = self.feature_reconstruction(vectors, round_)
+            info["fr_images"] = len(vectors)
+            if before is not None:
+                info["fr_gain_db"] = self.test_psnr() - before
+        rows = loss_rows(metas)
+        for row in rows:
+            m = metas[row["user"]]
+            row.update({k: m[k] for k in ("budget_bits", "keep_fraction", "images") if k in m})
+            row["role"] = "features" if "images" in m else "update"
+        return {**info, "user_rows": rows}
+
+    def test_psnr(self) -> float:
+        seeding.enter(self.cfg.seed, self.transport.round, "fr-eval")
+        load_weights(self.model, self.global_weights)
+        return evaluate_semantic(self.model, self.run.classifier, self.run.test_x, self.run.test_y,
+                                 self.cfg.eval.snr_db, self.cfg.eval.batch_size)["psnr_db"]
+
+    def feature_reconstruction(self, indices: torch.Tensor, round_: int) -> float:
+        """Eq 13-16: SGD on mean |E(D(detect(c + n))) - c|^2 over the received codewords c; returns the
+        mean loss of the first epoch."""
+        o, model = self.options, self.model
+        # seeded here: the users' handlers (in this process or in workers) leave the generators anywhere
+        seeding.enter(self.cfg.seed, round_, "fr")
+        load_weights(model, self.global_weights)
+        model.train()
+        opt = make_optimizer(model.parameters(), self.cfg.train, lr=o.server_lr or self.cfg.train.lr / 10)
+        codewords = model.codebook[indices.to(self.run.device).long()]  # (N, n, 2)
+        gen = seeding.generator(self.cfg.seed, round_, "fr")
+        size = o.server_batch_size or self.cfg.train.batch_size
+        first, count = 0.0, 0
+        for epoch in range(o.server_epochs):
+            for idx in batches(len(codewords), size, gen):
+                c = codewords[idx.to(codewords.device)]
+                with torch.no_grad():  # the virtual channel and the detector: no gradient into c
+                    y = model.channel(torch.view_as_complex(c.contiguous()), snr_tensor(self.cfg.channel.snr_db, len(c), c.device))
+                    detected = model.codebook[nearest_codeword(torch.view_as_real(y), model.codebook)]
+                loss = F.mse_loss(model.features(model.decode_codewords(detected)), c)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if epoch == 0:
+                    first, count = first + float(loss.detach()) * len(idx), count + len(idx)
+        self.global_weights = weights_of(model)
+        return first / max(count, 1)
