@@ -10,7 +10,7 @@ from semfl.models.registry import available_archs, build_model
 
 SPECS = {"fashion-mnist": ImageSpec(1, 28, 28, 10), "mnist": ImageSpec(1, 28, 28, 10),
          "cifar10": ImageSpec(3, 32, 32, 10), "cifar100": ImageSpec(3, 32, 32, 100)}
-ROLES = {"csc": "student", "jscc": "codec", "gsc-m": "mentor", "gsc-l": "mentor", "gsc-h": "mentor"}
+ROLES = {"csc": "student", "jscc": "codec", "vq-jscc": "digital codec", "gsc-m": "mentor", "gsc-l": "mentor", "gsc-h": "mentor"}
 
 
 def count(model: torch.nn.Module) -> int:
