@@ -185,6 +185,8 @@ def test_config_errors_name_the_field(base):
         load_config(None, ["method=fedsfr", "model.arch=vq-jscc", "fedsfr.mode=fedavg"])
     with pytest.raises(ConfigError, match=r"^fedsfr.bits_per_symbol"):
         load_config(None, ["method=fedsfr", "model.arch=vq-jscc", "fedsfr.bits_per_symbol=5"])
+    with pytest.raises(ConfigError, match=r"^fedsfr.weighting"):
+        load_config(None, ["method=fedsfr", "model.arch=vq-jscc", "fedsfr.weighting=median"])
     with pytest.raises(ConfigError, match=r"^fedsfr.public_fraction"):
         load_config(None, ["method=fedsfr", "model.arch=vq-jscc", "fedsfr.public_fraction=0"])
 
@@ -209,3 +211,30 @@ def test_a_run_learns_within_every_budget(base, mode):
         assert all("fr_gain_db" in glob[r] for r in range(1, 5))
     else:
         assert roles == {"update"} and "fr_loss" not in glob[4]
+
+
+def test_aggregation_weights_by_hand():
+    from semfl.methods.fedsfr import aggregation_weights
+
+    assert aggregation_weights([0.0, 0.0], [100, 300], "size") == [0.25, 0.75]
+    e = [math.exp(v) for v in (1.0, 2.0, 3.0)]
+    assert aggregation_weights([1.0, 2.0, 3.0], [1, 1, 1], "loss-softmax") == pytest.approx([v / sum(e) for v in e])
+    # FedLol: (S - L_k) / ((K - 1) S) with S = 6: 5/12, 4/12, 3/12 (smaller loss, larger weight)
+    assert aggregation_weights([1.0, 2.0, 3.0], [1, 1, 1], "fedlol") == pytest.approx([5 / 12, 4 / 12, 3 / 12])
+    assert aggregation_weights([0.7], [5], "fedlol") == [1.0]
+
+
+@pytest.mark.parametrize("rule", ["size", "loss-softmax", "fedlol"])
+def test_running_weighted_updates_equal_the_explicit_weighted_sum(rule):
+    from semfl.methods.fedsfr import WeightedUpdates, aggregation_weights
+
+    gen = torch.Generator().manual_seed(4)
+    updates = [{"w": torch.randn(3, 2, generator=gen)} for _ in range(4)]
+    losses, sizes = [0.3, 0.1, 0.6, 0.2], [10, 40, 20, 30]
+    running = WeightedUpdates(rule)
+    for u, loss, n in zip(updates, losses, sizes):
+        running.add(u, loss, n)
+    weights = aggregation_weights(losses, sizes, rule)
+    expected = sum(w * u["w"] for w, u in zip(weights, updates))
+    torch.testing.assert_close(running.result(updates[0])["w"], expected, rtol=1e-5, atol=1e-6)
+    assert WeightedUpdates(rule).result(updates[0]) is None

@@ -18,7 +18,8 @@ It then takes ``fedsfr.server_epochs`` epochs of SGD (``fedsfr.server_lr``, smal
 clients', Theorem 1) on the FR loss (eq 16): codewords c -> virtual channel at channel.snr_db ->
 detection -> D -> E -> z_hat, loss mean |z_hat - c|^2. Then it broadcasts the model.
 ``fedsfr.mode = "compressed-fedavg"`` is the paper's "FedAvg with the same compression" baseline:
-every user sends its compressed update, and there is no FR.
+every user sends its compressed update, and there is no FR. ``fedsfr.weighting`` gives its other two
+aggregation-weight baselines: the softmax of the users' losses (Xing et al.) and FedLol.
 """
 from __future__ import annotations
 
@@ -42,6 +43,56 @@ from semfl.runtime.local import UserContext
 from semfl.training import RunningAverage, batches, evaluate_semantic, load_weights, make_optimizer, snr_tensor, weights_of
 
 MODES = ("fr", "compressed-fedavg")
+WEIGHTINGS = ("size", "loss-softmax", "fedlol")
+
+
+def aggregation_weights(losses: list[float], sizes: list[int], rule: str) -> list[float]:
+    """The aggregation weights of the paper's first three baselines: data size (FedAvg), the softmax of
+    the users' training losses (Xing et al.: larger loss, larger weight) or FedLol's
+    (sum L - L_k) / ((K - 1) sum L) (Nguyen et al.: smaller loss, larger weight)."""
+    if rule == "size":
+        return [n / sum(sizes) for n in sizes]
+    if rule == "loss-softmax":
+        top = max(losses)
+        e = [math.exp(v - top) for v in losses]
+        return [v / sum(e) for v in e]
+    if len(losses) == 1:
+        return [1.0]
+    total = sum(losses)
+    return [(total - v) / ((len(losses) - 1) * total) for v in losses]
+
+
+class WeightedUpdates:
+    """Running sums that give sum_k w_k update_k for any rule of aggregation_weights without
+    holding K updates: FedLol's weights need the sum of all losses, so it keeps sum_k u_k and
+    sum_k L_k u_k and combines them at the end; softmax weights are exp(L_k) normalised."""
+
+    def __init__(self, rule: str):
+        self.rule = rule
+        self.plain, self.by_loss = RunningAverage(), RunningAverage()
+        self.count, self.loss_sum = 0, 0.0
+
+    def add(self, tensors: dict, loss: float, size: int) -> None:
+        self.count += 1
+        self.loss_sum += loss
+        if self.rule == "size":
+            self.plain.add(tensors, size)
+        elif self.rule == "loss-softmax":
+            self.plain.add(tensors, math.exp(loss))  # exp overflows only for losses > 700
+        else:
+            self.plain.add(tensors, 1.0)
+            self.by_loss.add(tensors, loss)
+
+    def result(self, like: dict) -> dict | None:
+        if self.count == 0:
+            return None
+        mean = self.plain.result(like)
+        if self.rule != "fedlol" or self.count == 1 or self.loss_sum == 0:
+            return mean
+        # sum_k (S - L_k) u_k / ((K - 1) S) = (K mean_k u_k - sum_k L_k u_k / S) / (K - 1)
+        loss_weighted = self.by_loss.result(like)
+        k = self.count
+        return {name: (k * mean[name] - loss_weighted[name]) / (k - 1) for name in mean}
 
 
 @dataclass
@@ -57,6 +108,7 @@ class FedSFROptions:
     margin: float = 0.1  # encoder output bound (1 - margin) * max|codeword coordinate|
     usage_weight: float = 0.01  # beta of eq 3 (codeword usage KL)
     measure_fr: bool = False  # evaluate the global model before and after FR each round (fr_gain_db)
+    weighting: str = "size"  # aggregation weights of the updates: size (eq 12) | loss-softmax | fedlol
 
     def validate(self, cfg) -> None:
         if self.mode not in MODES:
@@ -64,6 +116,8 @@ class FedSFROptions:
         if cfg.method == "fedsfr" and cfg.model.arch != "vq-jscc":
             raise ConfigError(f"model.arch: fedsfr trains the VQ-based digital JSCC; set model.arch = 'vq-jscc' "
                               f"(got {cfg.model.arch!r})")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"fedsfr.weighting: expected one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         if self.bits_per_symbol not in (4, 6, 8):
             raise ConfigError(f"fedsfr.bits_per_symbol: expected 4, 6 or 8 (16-, 64- or 256-QAM), got {self.bits_per_symbol}")
         if self.slot_s <= 0:
@@ -136,18 +190,18 @@ class FedSFR(FedAvg):
 
     # ---------------------------------------------------------------- base station
     def run_round(self, round_: int, users: list[int]) -> dict[str, Any]:
-        updates, features, metas = RunningAverage(), [], {}
+        updates, features, metas = WeightedUpdates(self.options.weighting), [], {}
 
         def collect(user, reply):
             metas[user] = reply.meta
             if "indices" in reply.tensors:
                 features.append(reply.tensors["indices"])
             else:
-                updates.add(reply.tensors, reply.meta["num_samples"])
+                updates.add(reply.tensors, reply.meta["loss"], reply.meta["num_samples"])
 
         self.transport.send(users, "train", Payload(self.global_weights, codec="dense"), on_reply=collect)
-        if updates.weight > 0:  # eq 12: the S_u updates, weighted by their data sizes
-            mean = updates.result(self.global_weights)
+        mean = updates.result(self.global_weights)  # eq 12 (weighted by data size) or a baseline's weights
+        if mean is not None:
             self.global_weights = {k: v + mean[k] for k, v in self.global_weights.items()}
         info: dict[str, Any] = {"update_users": sum("images" not in m for m in metas.values())}
         info["feature_users"] = len(metas) - info["update_users"]
