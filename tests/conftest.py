@@ -55,3 +55,42 @@ METHOD_MODELS = {"fedsfr": "vq-jscc"}
 def method_overrides(method: str) -> list[str]:
     """``--set`` overrides that select a method, with the model family it needs."""
     return [f"method={method}"] + ([f"model.arch={METHOD_MODELS[method]}"] if method in METHOD_MODELS else [])
+
+
+def local_method(method_cls, overrides: list[str], round_: int = 1):
+    """A method wired to a LocalTransport outside the runner, for tests that drive its handlers:
+    (cfg, run context, user data, transport, method)."""
+    from semfl.config import load_config
+    from semfl.runtime.local import LocalTransport
+    from semfl.runtime.run import build_context
+
+    cfg = load_config(None, overrides)
+    run, user_data = build_context(cfg, None, log=lambda m: None)
+    transport = LocalTransport(run.link, user_data, cfg.seed, run.device, handlers={})
+    method = method_cls(run, transport)
+    transport.handlers = method.handlers()
+    transport.round = round_
+    return cfg, run, user_data, transport, method
+
+
+def whole_and_resumed(cfg, tmp: Path, monkeypatch, owner, attribute: str, round_: int, keep: tuple[str, ...]):
+    """Run cfg once whole, once killed (KeyboardInterrupt) when ``owner.attribute`` is first called
+    in ``round_`` and then resumed; return both runs' metric rows cut to ``keep``."""
+    from semfl.runtime.checkpoint import read_jsonl
+    from semfl.runtime.run import Runner
+
+    quiet = dict(show_progress=False, log=lambda m: None)
+    Runner(cfg, tmp / "whole", **quiet).execute()
+    original = getattr(owner, attribute)
+
+    def killed(self, *args, **kwargs):
+        if self.transport.round == round_:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, attribute, killed)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(cfg, tmp / "resumed", **quiet).execute()
+    monkeypatch.setattr(owner, attribute, original)
+    Runner(cfg, tmp / "resumed", resume=True, **quiet).execute()
+    return [[{k: r.get(k) for k in keep} for r in read_jsonl(tmp / d / "metrics.jsonl")] for d in ("whole", "resumed")]

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from conftest import local_method, whole_and_resumed
 from semfl.codecs import Payload
 from semfl.config import ConfigError, load_config
 from semfl.methods.fedcl import FedCL, batch_sizes
@@ -13,8 +14,7 @@ from semfl.methods.fedproto import average_prototypes
 from semfl.methods.split_common import assign_encoders, FedCLOptions, float_state, load_float_state, task_loss
 from semfl.models.split import SplitEncoder, scg_loss, symbols
 from semfl.runtime.checkpoint import read_jsonl
-from semfl.runtime.local import LocalTransport
-from semfl.runtime.run import Runner, build_context
+from semfl.runtime.run import Runner
 
 
 def test_scg_loss_eq9_hand_example():
@@ -67,13 +67,7 @@ def split_setup(fmnist_root, tmp_path_factory):
 
 
 def make_method(overrides, extra=()):
-    cfg = load_config(None, overrides + ["method=fedcl", *extra])
-    run, user_data = build_context(cfg, None, log=lambda m: None)
-    transport = LocalTransport(run.link, user_data, cfg.seed, run.device, handlers={})
-    method = FedCL(run, transport)
-    transport.handlers = method.handlers()
-    transport.round = 1
-    return cfg, run, user_data, transport, method
+    return local_method(FedCL, overrides + ["method=fedcl", *extra])
 
 
 def test_split_gradient_equals_autograd_through_full_model(split_setup):
@@ -181,20 +175,7 @@ def test_baselines_learn(split_setup, method):
 def test_resume_gives_the_uninterrupted_run(split_setup, monkeypatch):
     overrides, tmp = split_setup
     cfg = load_config(None, overrides + ["method=fedcl", "rounds=2", "fedcl.batches_per_message=2"])
-    Runner(cfg, tmp / "whole", show_progress=False, log=lambda m: None).execute()
-    original = FedCL.run_round
-
-    def killed(self, round_, users):
-        if round_ == 2:
-            raise KeyboardInterrupt
-        return original(self, round_, users)
-
-    monkeypatch.setattr(FedCL, "run_round", killed)
-    with pytest.raises(KeyboardInterrupt):
-        Runner(cfg, tmp / "resumed", show_progress=False, log=lambda m: None).execute()
-    monkeypatch.setattr(FedCL, "run_round", original)
-    Runner(cfg, tmp / "resumed", resume=True, show_progress=False, log=lambda m: None).execute()
     keep = ("round", "scope", "user", "loss", "accuracy", "scg_loss", "uplink_bits")
-    rows = [[{k: r.get(k) for k in keep} for r in read_jsonl(tmp / d / "metrics.jsonl") if r["scope"] != "link"]
-            for d in ("whole", "resumed")]
+    whole, resumed = whole_and_resumed(cfg, tmp, monkeypatch, FedCL, "run_round", 2, keep)
+    rows = [[r for r in run if r["scope"] != "link"] for run in (whole, resumed)]
     assert rows[0] == rows[1]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import local_method
 from semfl.channel import make_channel
 from semfl.codecs import Payload, get_codec
 from semfl.codecs.base import META_BITS
@@ -19,7 +20,6 @@ from semfl.models import ImageSpec, build_model
 from semfl.models.vqjscc import nearest_codeword, qam_codebook
 from semfl.runtime import seeding
 from semfl.runtime.checkpoint import read_jsonl
-from semfl.runtime.local import LocalTransport
 from semfl.runtime.run import Runner, build_context
 from semfl.training import snr_tensor
 
@@ -131,12 +131,7 @@ def base(fmnist_root, tmp_path_factory):
 
 
 def make_method(overrides):
-    cfg = load_config(None, overrides)
-    run, user_data = build_context(cfg, None, log=lambda m: None)
-    transport = LocalTransport(run.link, user_data, cfg.seed, run.device, handlers={})
-    method = FedSFR(run, transport)
-    transport.handlers = method.handlers()
-    transport.round = 1
+    cfg, run, user_data, transport, method = local_method(FedSFR, overrides)
     return cfg, run, user_data, method, transport
 
 

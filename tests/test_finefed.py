@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from conftest import local_method, whole_and_resumed
 from semfl.codecs import Payload
 from semfl.codecs.base import META_BITS
 from semfl.config import ConfigError, load_config
@@ -59,12 +60,7 @@ def base(fmnist_root, tmp_path_factory):
 
 
 def make_method(overrides):
-    cfg = load_config(None, overrides)
-    run, user_data = build_context(cfg, None, log=lambda m: None)
-    transport = LocalTransport(run.link, user_data, cfg.seed, run.device, handlers={})
-    method = FineFed(run, transport)
-    transport.handlers = method.handlers()
-    transport.round = 2
+    cfg, run, user_data, transport, method = local_method(FineFed, overrides, round_=2)
     transport.send(range(cfg.users), "personalise", Payload(method.global_weights, codec="dense"))
     method.personalised = True
     return cfg, run, user_data, method, transport
@@ -188,19 +184,7 @@ def test_killed_in_stage_two_resumes_to_the_uninterrupted_run(base, monkeypatch)
     overrides, tmp = base
     cfg = load_config(None, overrides + ["rounds=2", "finefed.fedavg_rounds=1", "finefed.batches_per_message=1",
                                          "train.batch_size=16"])
-    Runner(cfg, tmp / "whole", show_progress=False, log=lambda m: None).execute()
-    original = FineFed.decoder_phase
-
-    def killed(self, receiver, senders):
-        if self.transport.round == 2:
-            raise KeyboardInterrupt  # after the first stage-2 round's encoder phase changed the encoders
-        return original(self, receiver, senders)
-
-    monkeypatch.setattr(FineFed, "decoder_phase", killed)
-    with pytest.raises(KeyboardInterrupt):
-        Runner(cfg, tmp / "resumed", show_progress=False, log=lambda m: None).execute()
-    monkeypatch.setattr(FineFed, "decoder_phase", original)
-    Runner(cfg, tmp / "resumed", resume=True, show_progress=False, log=lambda m: None).execute()
     keep = ("round", "scope", "user", "loss", "psnr_db", "encoder_loss", "decoder_loss", "uplink_bits", "downlink_bits")
-    rows = [[{k: r.get(k) for k in keep} for r in read_jsonl(tmp / d / "metrics.jsonl")] for d in ("whole", "resumed")]
+    # killed in the first stage-2 round, after its encoder phase changed the users' encoders
+    rows = whole_and_resumed(cfg, tmp, monkeypatch, FineFed, "decoder_phase", 2, keep)
     assert rows[0] == rows[1]
