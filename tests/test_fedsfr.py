@@ -233,3 +233,11 @@ def test_running_weighted_updates_equal_the_explicit_weighted_sum(rule):
     expected = sum(w * u["w"] for w, u in zip(weights, updates))
     torch.testing.assert_close(running.result(updates[0])["w"], expected, rtol=1e-5, atol=1e-6)
     assert WeightedUpdates(rule).result(updates[0]) is None
+
+
+def test_a_budget_too_small_for_one_image_sends_none_and_the_round_goes_on(base):
+    overrides, _ = base
+    cfg, run, user_data, method, transport = make_method(overrides + ["fedsfr.threshold_db=100", "fedsfr.slot_s=1e-5"])
+    info = method.run_round(1, [0, 1, 2, 3])  # every user below the threshold, a few hundred bits each
+    assert info["feature_users"] == 4 and "fr_loss" not in info
+    assert all(r["images"] == 0 and r["role"] == "features" for r in info["user_rows"])

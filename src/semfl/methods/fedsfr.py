@@ -170,13 +170,16 @@ class FedSFR(FedAvg):
         if self.sends_features(ctx.snr_db):
             ctx.state.pop("residual", None)  # the error memory is reset for S_m
             meta["images"] = 0
-            per_image = self.model.tokens * self.model.symbols_per_token * o.bits_per_symbol
+            per_image = self.model.tokens * self.model.symbols_per_token * o.bits_per_symbol  # b bits per vector
             public = self.public_indices(ctx)
             count = min(len(public), max(0, (budget - META_BITS * _count_scalars(meta)) // per_image))
             pick = public[torch.randperm(len(public), generator=ctx.generator("public"))[:count].to(public.device)]
             meta["images"] = int(count)
-            with torch.no_grad():  # the model holds the user's trained weights
-                indices = nearest_codeword(self.model.features(ctx.x[pick]), self.model.codebook)
+            vectors = self.model.tokens * self.model.symbols_per_token
+            indices = torch.zeros(0, vectors, dtype=torch.long)
+            if count:
+                with torch.no_grad():  # the model holds the user's trained weights
+                    indices = nearest_codeword(self.model.features(ctx.x[pick]), self.model.codebook)
             dtype = torch.uint8 if o.bits_per_symbol <= 8 else torch.int16
             return Payload({"indices": indices.to(dtype).cpu()}, codec=f"index{o.bits_per_symbol}", meta=meta)
         meta["keep_fraction"] = 0.0
@@ -205,8 +208,9 @@ class FedSFR(FedAvg):
             self.global_weights = {k: v + mean[k] for k, v in self.global_weights.items()}
         info: dict[str, Any] = {"update_users": sum("images" not in m for m in metas.values())}
         info["feature_users"] = len(metas) - info["update_users"]
-        vectors = torch.cat([f.reshape(-1, f.shape[-1]) for f in features if len(f)]) if features else None
-        if vectors is not None and len(vectors) and self.options.server_epochs > 0:
+        received = [f for f in features if len(f)]  # a user whose budget carries no image sends none
+        vectors = torch.cat(received) if received else None
+        if vectors is not None and self.options.server_epochs > 0:
             before = self.test_psnr() if self.options.measure_fr else None
             info["fr_loss"] = self.feature_reconstruction(vectors, round_)
             info["fr_images"] = len(vectors)
