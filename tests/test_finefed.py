@@ -188,3 +188,14 @@ def test_killed_in_stage_two_resumes_to_the_uninterrupted_run(base, monkeypatch)
     # killed in the first stage-2 round, after its encoder phase changed the users' encoders
     rows = whole_and_resumed(cfg, tmp, monkeypatch, FineFed, "decoder_phase", 2, keep)
     assert rows[0] == rows[1]
+
+
+def test_a_pair_without_samples_is_skipped(base):
+    overrides, _ = base
+    cfg, run, user_data, method, transport = make_method(overrides + EXACT)
+    x, y = user_data[1]
+    user_data[1] = (x[:1], y[:1])  # one sample, two receivers: the pair 1 -> R(1)[1] has none
+    transport.user_data = user_data
+    empty = method.receivers[1][1]
+    assert method.encoder_phase(1, method.receivers[1]) is not None
+    assert method.decoder_phase(empty, [1]) is None  # nothing to fine-tune on from this sender

@@ -195,10 +195,11 @@ class FineFed(FedAvg):
             start = state["chunk_start"]
             params = self.load_half(state, "sender")
             pending = self.chunk(ctx, plans, start, cursor)  # the same graphs as the message sent
-            split = {j: payload.tensors[f"grad/{j}"].split([len(y) for y in pending[j]]) for j in receivers}
+            split = {j: payload.tensors[f"grad/{j}"].split([len(y) for y in pending[j]])
+                     for j in receivers if f"grad/{j}" in payload.tensors}
             grads = []
             for s in range(start, cursor):
-                pairs = [(pending[j][s - start], split[j][s - start]) for j in receivers if s < len(plans[j])]
+                pairs = [(pending[j][s - start], split[j][s - start]) for j in split if s < len(plans[j])]
                 outputs, gs = zip(*pairs)
                 grads.append(torch.autograd.grad(outputs, params, [g.to(ctx.device) for g in gs]))
             self.adam_step(state, "sender", params, grads)
@@ -212,6 +213,8 @@ class FineFed(FedAvg):
         tensors, sizes = {}, {}
         for j in receivers:
             idx = plans[j][cursor:stop]
+            if not idx:  # this pair's plan is shorter (a smaller shard): nothing in this message
+                continue
             tensors[f"y/{j}"] = torch.cat(ys[j]).float()
             tensors[f"x/{j}"] = to_pixels(ctx.x[torch.cat(idx)])
             sizes[str(j)] = [len(i) for i in idx]
@@ -234,6 +237,8 @@ class FineFed(FedAvg):
         self.load_half(ctx.state, "sender")
         j = int(payload.meta["receiver"])
         images = ctx.x[self.pair_shard(ctx, j)]
+        if not len(images):  # fewer samples than receivers: this pair has none
+            return Payload()
         chunk = self.cfg.eval.batch_size
         ys = [torch.cat([self.received(ctx, images[s:s + chunk], "features", j, e, s) for s in range(0, len(images), chunk)])
               for e in range(self.cfg.train.local_epochs)]
@@ -290,7 +295,7 @@ class FineFed(FedAvg):
             if not reply.tensors:
                 return sum(losses) / len(losses) if losses else None
             grads = {}
-            for j in pairs:
+            for j in (j for j in pairs if f"y/{j}" in reply.tensors):
                 relay = Payload({"y": reply.tensors[f"y/{j}"], "x": reply.tensors[f"x/{j}"]}, codec="dense",
                                 meta={"sizes": reply.meta["sizes"][str(j)]})
                 answer = self.transport.send([j], "grad", relay).get(j)
@@ -304,7 +309,7 @@ class FineFed(FedAvg):
         tensors = {}
         for i in senders:
             reply = self.transport.send([i], "features", Payload(meta={"receiver": receiver})).get(i)
-            if reply is not None:
+            if reply is not None and reply.tensors:
                 tensors[f"y/{i}"], tensors[f"x/{i}"] = reply.tensors["y"], reply.tensors["x"]
         if not tensors:
             return None
