@@ -223,8 +223,10 @@ def stochastic_grid_quantize(values: Tensor, grid: Tensor, generator: torch.Gene
     grid coordinates with linear probabilities. For a 2-D pair that is the paper's pick among the four
     corners of its cell with bilinear probabilities (they factor per coordinate). The output is the
     picked coordinate scaled back: never 0, since square QAM has no zero coordinate."""
-    scale = values.detach().abs().max() if values.numel() else values.new_zeros(())
-    if values.numel() == 0 or scale == 0:
+    if values.numel() == 0:
+        return torch.zeros_like(values)
+    scale = values.detach().abs().max()
+    if scale == 0:
         return torch.zeros_like(values)
     grid = grid.to(values.device, torch.float64)
     g_max = grid[-1]

@@ -169,20 +169,19 @@ class FedSFR(FedAvg):
         meta = {**reply_meta(self.run, self.model, ctx, loss), "budget_bits": budget}
         if self.sends_features(ctx.snr_db):
             ctx.state.pop("residual", None)  # the error memory is reset for S_m
-            meta["images"] = 0
-            per_image = self.model.tokens * self.model.symbols_per_token * o.bits_per_symbol  # b bits per vector
+            meta["images"] = 0  # a placeholder, so that the budget counts this field's own bits
+            vectors = self.model.tokens * self.model.symbols_per_token  # 2-D feature vectors per image
+            per_image = vectors * o.bits_per_symbol  # one codeword index each
             public = self.public_indices(ctx)
             count = min(len(public), max(0, (budget - META_BITS * _count_scalars(meta)) // per_image))
             pick = public[torch.randperm(len(public), generator=ctx.generator("public"))[:count].to(public.device)]
             meta["images"] = int(count)
-            vectors = self.model.tokens * self.model.symbols_per_token
             indices = torch.zeros(0, vectors, dtype=torch.long)
             if count:
                 with torch.no_grad():  # the model holds the user's trained weights
                     indices = nearest_codeword(self.model.features(ctx.x[pick]), self.model.codebook)
-            dtype = torch.uint8 if o.bits_per_symbol <= 8 else torch.int16
-            return Payload({"indices": indices.to(dtype).cpu()}, codec=f"index{o.bits_per_symbol}", meta=meta)
-        meta["keep_fraction"] = 0.0
+            return Payload({"indices": indices.to(torch.uint8).cpu()}, codec=f"index{o.bits_per_symbol}", meta=meta)
+        meta["keep_fraction"] = 0.0  # a placeholder, as above
         room = budget - META_BITS * _count_scalars(meta)
         fraction = svq_fraction_for_budget([d.numel() for d in delta.values()], room, o.bits_per_symbol)
         meta["keep_fraction"] = fraction

@@ -117,13 +117,14 @@ class FineFed(FedAvg):
         self.senders = {j: senders_of(j, k, r) for j in range(k)}
 
     # ---------------------------------------------------------------- the two halves
+    def prefixes(self, role: str) -> tuple[str, ...]:
+        return self.model.sender_prefixes if role == "sender" else self.model.receiver_prefixes
+
     def half_params(self, role: str) -> list[torch.nn.Parameter]:
-        prefixes = self.model.sender_prefixes if role == "sender" else self.model.receiver_prefixes
-        return [p for n, p in self.model.named_parameters() if n.startswith(prefixes)]
+        return [p for n, p in self.model.named_parameters() if n.startswith(self.prefixes(role))]
 
     def half_weights(self, weights: dict, role: str) -> dict[str, torch.Tensor]:
-        prefixes = self.model.sender_prefixes if role == "sender" else self.model.receiver_prefixes
-        return {k: v.detach().cpu().clone() for k, v in weights.items() if k.startswith(prefixes)}
+        return {k: v.detach().cpu().clone() for k, v in weights.items() if k.startswith(self.prefixes(role))}
 
     def load_half(self, state: dict, role: str) -> list[torch.nn.Parameter]:
         if role not in state:
@@ -132,17 +133,26 @@ class FineFed(FedAvg):
         self.model.train()
         return self.half_params(role)
 
-    def adam_step(self, state: dict, role: str, params: list, grads: list[list[torch.Tensor]]) -> None:
-        """One Adam step per gradient list, in order; the optimiser state lives in the user's state."""
+    def optimizer(self, state: dict, role: str, params: list) -> torch.optim.Adam:
+        """The half's Adam, with the optimiser state the user keeps between rounds."""
         opt = torch.optim.Adam(params, lr=self.options.lr)
         if f"{role}_opt" in state:
             opt.load_state_dict(state[f"{role}_opt"])
+        return opt
+
+    def keep(self, state: dict, role: str, opt: torch.optim.Adam) -> None:
+        """Store the trained half and its optimiser state in the user's state."""
+        state[f"{role}_opt"] = opt.state_dict()
+        state[role] = self.half_weights(dict(self.model.named_parameters()), role)
+
+    def adam_step(self, state: dict, role: str, params: list, grads: list[list[torch.Tensor]]) -> None:
+        """One Adam step per gradient list, in order."""
+        opt = self.optimizer(state, role, params)
         for gs in grads:
             for p, g in zip(params, gs):
                 p.grad = g
             opt.step()
-        state[f"{role}_opt"] = opt.state_dict()
-        state[role] = self.half_weights(dict(self.model.named_parameters()), role)
+        self.keep(state, role, opt)
 
     def received(self, ctx: UserContext, images: torch.Tensor, *purpose) -> torch.Tensor:
         """Y = channel(E(images)) as reals (B, n, 2), at per-sample training SNRs; the noise is seeded by
@@ -227,9 +237,9 @@ class FineFed(FedAvg):
         x = from_pixels(payload.tensors["x"], ctx.device)
         sizes = payload.meta["sizes"]
         recon = self.model.reconstruct(torch.view_as_complex(y))
-        losses = [F.mse_loss(r, t) for r, t in zip(recon.split(sizes), x.split(sizes))]
-        (g,) = torch.autograd.grad(sum(losses), y)
-        return Payload({"g": g.detach()}, codec="dense", meta={"loss": float(sum(losses).detach()) / len(losses)})
+        total = sum(F.mse_loss(r, t) for r, t in zip(recon.split(sizes), x.split(sizes)))
+        (g,) = torch.autograd.grad(total, y)
+        return Payload({"g": g.detach()}, codec="dense", meta={"loss": float(total.detach()) / len(sizes)})
 
     @torch.no_grad()
     def user_features(self, ctx: UserContext, payload: Payload) -> Payload:
@@ -250,10 +260,8 @@ class FineFed(FedAvg):
         senders = sorted({name.split("/")[1] for name in payload.tensors}, key=int)
         x = torch.cat([from_pixels(payload.tensors[f"x/{i}"], ctx.device) for i in senders])
         gen = ctx.generator("batches")
-        total, count, grads_done = 0.0, 0, 0
-        opt = torch.optim.Adam(params, lr=self.options.lr)
-        if "receiver_opt" in ctx.state:
-            opt.load_state_dict(ctx.state["receiver_opt"])
+        total, count, steps = 0.0, 0, 0
+        opt = self.optimizer(ctx.state, "receiver", params)
         for e in range(self.cfg.train.local_epochs):
             y = torch.cat([payload.tensors[f"y/{i}"][e].to(ctx.device) for i in senders])
             for idx in batches(len(x), self.cfg.train.batch_size, gen):
@@ -261,10 +269,9 @@ class FineFed(FedAvg):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total, count, grads_done = total + float(loss.detach()) * len(idx), count + len(idx), grads_done + 1
-        ctx.state["receiver_opt"] = opt.state_dict()
-        ctx.state["receiver"] = self.half_weights(dict(self.model.named_parameters()), "receiver")
-        return Payload(meta={"loss": total / max(count, 1), "steps": grads_done})
+                total, count, steps = total + float(loss.detach()) * len(idx), count + len(idx), steps + 1
+        self.keep(ctx.state, "receiver", opt)
+        return Payload(meta={"loss": total / max(count, 1), "steps": steps})
 
     # ---------------------------------------------------------------- base station
     def run_round(self, round_: int, users: list[int]) -> dict[str, Any]:

@@ -50,10 +50,14 @@ class DeepJSCC(SemanticModel):
     def _tokens(self, fmap: torch.Tensor) -> torch.Tensor:
         return fmap.flatten(2).transpose(1, 2)
 
+    def _pairs(self, feat: torch.Tensor) -> torch.Tensor:
+        """The encoder features' channel-input reals as pairs: (B, 2s, h, w) -> (B, T, s, 2), fp32."""
+        z = self.to_symbols(feat)  # (B, 2s, h, w): symbol pairs per position
+        return z.float().reshape(z.shape[0], self.symbols_per_token, 2, -1).permute(0, 3, 1, 2)
+
     def _symbols(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feat = self.encoder(images)
-        z = self.to_symbols(feat)  # (B, 2s, h, w): symbol pairs per position
-        z = z.float().reshape(z.shape[0], self.symbols_per_token, 2, -1).permute(0, 3, 1, 2)  # (B, T, s, 2), fp32
+        z = self._pairs(feat)
         return feat, power_normalize(torch.view_as_complex(z.contiguous()).reshape(z.shape[0], -1))
 
     def _received(self, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,16 +41,17 @@ class VQJSCC(DeepJSCC):
 
     def __init__(self, spec, channel, shared, widths, bits_per_symbol: int = 8):
         super().__init__(spec, channel, shared, widths)
-        self.register_buffer("codebook", qam_codebook(bits_per_symbol), persistent=False)
+        self.register_buffer("codebook", torch.empty(0, 2), persistent=False)  # filled by configure
         self.configure(bits_per_symbol)
 
     def configure(self, bits_per_symbol: int, margin: float | None = None, usage_weight: float | None = None) -> None:
         """Codebook order (2**bits_per_symbol-QAM), encoder margin and the usage-loss weight."""
+        book = qam_codebook(bits_per_symbol)  # on the CPU, even when the model is built on the meta device
         self.bits_per_symbol = bits_per_symbol
-        self.codebook = qam_codebook(bits_per_symbol).to(self.codebook.device)
         self.margin = self.margin if margin is None else margin
         self.usage_weight = self.usage_weight if usage_weight is None else usage_weight
-        self.bound = (1 - self.margin) * float(self.codebook.abs().max())
+        self.bound = (1 - self.margin) * float(book.abs().max())
+        self.codebook = book.to(self.codebook.device)
 
     @property
     def qam_grid(self) -> torch.Tensor:
@@ -59,8 +60,7 @@ class VQJSCC(DeepJSCC):
 
     def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feat = self.encoder(images)
-        z = self.to_symbols(feat)
-        z = z.float().reshape(z.shape[0], self.symbols_per_token, 2, -1).permute(0, 3, 1, 2)
+        z = self._pairs(feat)
         return feat, self.bound * torch.tanh(z.reshape(z.shape[0], -1, 2))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
