@@ -97,6 +97,9 @@ class EvalConfig:
     snr_db: float = 10.0  # channel SNR of the global evaluation
     grid_images: int = 8
     snr_sweep: list[float] = field(default_factory=lambda: [0.0, 5.0, 10.0, 15.0, 20.0, 25.0])
+    # the final SNR sweep again on these channel kinds (a model trained on channel.kind tested on
+    # others, e.g. AWGN-trained models under Rayleigh fading: FedSFR Fig 4); channel.equalize applies
+    sweep_channels: list[str] = field(default_factory=list)
     # FedAvg family: each user's locally trained model on this many test images in the evaluated
     # rounds (per-client local accuracy, PSFL Figs 15-16; PSFL's own: psfl.user_eval_samples); 0 = off
     user_samples: int = 0
@@ -362,6 +365,9 @@ def validate(cfg: Config) -> None:
     _check(e.batch_size >= 1, "eval.batch_size: must be >= 1")
     _check(e.grid_images >= 0, "eval.grid_images: must be >= 0")
     _check(e.user_samples >= 0, f"eval.user_samples: must be >= 0, got {e.user_samples}")
+    from semfl.channel import KINDS
+    for kind in e.sweep_channels:
+        _check(kind in KINDS, f"eval.sweep_channels: unknown channel {kind!r} (allowed: {', '.join(KINDS)})")
     _check(cfg.engine.state_memory_mb >= 0, f"engine.state_memory_mb: must be >= 0, got {cfg.engine.state_memory_mb}")
     _check(cfg.engine.reply_timeout_s >= 0, f"engine.reply_timeout_s: must be >= 0, got {cfg.engine.reply_timeout_s}")
     _check(cfg.engine.workers >= 0, f"engine.workers: must be >= 0 (0 = one per CPU), got {cfg.engine.workers}")

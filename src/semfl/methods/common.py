@@ -40,13 +40,29 @@ def reconstruction_rows(run: RunContext, models: dict[str, nn.Module], count: in
 
 
 def snr_sweep(run: RunContext, models: dict[str, nn.Module]) -> dict[str, dict[str, list[float]]]:
+    """Each model's test metrics at every eval.snr_sweep SNR on its own channel and then, labelled
+    'model (kind)', on each eval.sweep_channels kind (the model's channel swapped for the sweep).
+    Each SNR point is seeded, so models and channels are compared on the same random draws."""
+    from semfl.channel import Channel
+    from semfl.runtime import seeding
     from semfl.training import evaluate_semantic
 
-    out = {}
-    for label, model in models.items():
-        rows = [evaluate_semantic(model, run.classifier, run.test_x, run.test_y, snr, run.cfg.eval.batch_size)
-                for snr in run.cfg.eval.snr_sweep]
-        out[label] = {k: [r[k] for r in rows] for k in ("psnr_db", "accuracy", "ssim", "loss")}
+    def sweep(model):
+        rows = []
+        for snr in run.cfg.eval.snr_sweep:
+            seeding.enter(run.cfg.seed, "snr-sweep", repr(snr))  # the same noise for every model and channel
+            rows.append(evaluate_semantic(model, run.classifier, run.test_x, run.test_y, snr, run.cfg.eval.batch_size))
+        return {k: [r[k] for r in rows] for k in ("psnr_db", "accuracy", "ssim", "loss")}
+
+    out = {label: sweep(model) for label, model in models.items()}
+    for kind in run.cfg.eval.sweep_channels:
+        for label, model in models.items():
+            own = model.channel
+            model.channel = Channel(kind, equalize=run.cfg.channel.equalize).to(next(model.parameters()).device)
+            try:
+                out[f"{label} ({kind})"] = sweep(model)
+            finally:
+                model.channel = own
     return out
 
 

@@ -128,8 +128,9 @@ def image_grid(originals: torch.Tensor, rows: list[tuple[str, torch.Tensor, list
 def snr_sweep(sweep: dict[str, dict[str, list[float]]], snrs: list[float], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     for label, values in sweep.items():
-        axes[0].plot(snrs, values["psnr_db"], "-o", ms=3, label=label)
-        axes[1].plot(snrs, values["accuracy"], "-o", ms=3, label=label)
+        style = "--o" if label.endswith(")") else "-o"  # 'model (rayleigh)': tested on another channel
+        axes[0].plot(snrs, values["psnr_db"], style, ms=3, label=label)
+        axes[1].plot(snrs, values["accuracy"], style, ms=3, label=label)
     for ax, title in zip(axes, ("PSNR (dB)", "classifier accuracy")):
         ax.set_xlabel("channel SNR (dB)")
         ax.set_title(title)
