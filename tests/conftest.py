@@ -49,7 +49,7 @@ def tiny_overrides(fmnist_root, tmp_path) -> list[str]:
 
 
 # methods that need a model family other than the default (csc) in the tests that run every method
-METHOD_MODELS = {"fedsfr": "vq-jscc"}
+METHOD_MODELS = {"fedsfr": "vq-jscc", "skbs": "vq-jscc", "fedsfd": "vq-jscc"}
 
 
 def method_overrides(method: str) -> list[str]:

@@ -6,7 +6,7 @@ import importlib
 from semfl.methods.base import Method, RunContext, get_method, register_method, _METHODS
 
 # method modules register themselves (and their config tables) on import
-_MODULES = ["fedavg", "psfl", "stc", "fttq", "fedpaq", "topk", "fedcl", "fedproto", "fedavg_split", "finefed", "fedsfr"]
+_MODULES = ["fedavg", "psfl", "stc", "fttq", "fedpaq", "topk", "fedcl", "fedproto", "fedavg_split", "finefed", "fedsfr", "skbs", "fedsfd"]
 
 
 def _load_all() -> None:

@@ -44,6 +44,7 @@ from semfl.training import RunningAverage, batches, evaluate_semantic, load_weig
 
 MODES = ("fr", "compressed-fedavg")
 WEIGHTINGS = ("size", "loss-softmax", "fedlol")
+VQ_METHODS = ("fedsfr", "skbs", "fedsfd")  # methods on the VQ digital JSCC under this table's uplink budget
 
 
 def aggregation_weights(losses: list[float], sizes: list[int], rule: str) -> list[float]:
@@ -113,8 +114,8 @@ class FedSFROptions:
     def validate(self, cfg) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"fedsfr.mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
-        if cfg.method == "fedsfr" and cfg.model.arch != "vq-jscc":
-            raise ConfigError(f"model.arch: fedsfr trains the VQ-based digital JSCC; set model.arch = 'vq-jscc' "
+        if cfg.method in VQ_METHODS and cfg.model.arch != "vq-jscc":
+            raise ConfigError(f"model.arch: {cfg.method} trains the VQ-based digital JSCC; set model.arch = 'vq-jscc' "
                               f"(got {cfg.model.arch!r})")
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"fedsfr.weighting: expected one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
@@ -142,6 +143,7 @@ def capacity_bits(bandwidth_hz: float, slot_s: float, snr_db: float) -> int:
 class FedSFR(FedAvg):
     name = "fedsfr"
     precisions = ("fp32",)
+    row_fields: tuple[str, ...] = ("budget_bits", "keep_fraction", "images")  # reply meta kept in user rows
 
     def __init__(self, run, transport):
         super().__init__(run, transport)
@@ -151,6 +153,9 @@ class FedSFR(FedAvg):
 
     def handlers(self):
         return {"train": self.user_train}  # no vmap: compression is per user
+
+    def request_meta(self, round_: int) -> dict:
+        return {}
 
     # ---------------------------------------------------------------- users
     def public_indices(self, ctx: UserContext) -> torch.Tensor:
@@ -181,8 +186,14 @@ class FedSFR(FedAvg):
                 with torch.no_grad():  # the model holds the user's trained weights
                     indices = nearest_codeword(self.model.features(ctx.x[pick]), self.model.codebook)
             return Payload({"indices": indices.to(torch.uint8).cpu()}, codec=f"index{o.bits_per_symbol}", meta=meta)
+        return self.compressed_update(ctx, delta, meta)
+
+    def compressed_update(self, ctx: UserContext, delta: dict, meta: dict) -> Payload:
+        """The update within meta["budget_bits"]: top-k with error feedback at the largest keep
+        fraction whose exact bit count fits, then the stochastic VQ of the kept values."""
+        o = self.options
         meta["keep_fraction"] = 0.0  # a placeholder, as above
-        room = budget - META_BITS * _count_scalars(meta)
+        room = meta["budget_bits"] - META_BITS * _count_scalars(meta)
         fraction = svq_fraction_for_budget([d.numel() for d in delta.values()], room, o.bits_per_symbol)
         meta["keep_fraction"] = fraction
         sent, residual = svq_error_feedback(delta, to_device(ctx.state.get("residual"), self.run.device), fraction,
@@ -201,7 +212,8 @@ class FedSFR(FedAvg):
             else:
                 updates.add(reply.tensors, reply.meta["loss"], reply.meta["num_samples"])
 
-        self.transport.send(users, "train", Payload(self.global_weights, codec="dense"), on_reply=collect)
+        self.transport.send(users, "train", Payload(self.global_weights, codec="dense", meta=self.request_meta(round_)),
+                            on_reply=collect)
         mean = updates.result(self.global_weights)  # eq 12 (weighted by data size) or a baseline's weights
         if mean is not None:
             self.global_weights = {k: v + mean[k] for k, v in self.global_weights.items()}
@@ -218,7 +230,7 @@ class FedSFR(FedAvg):
         rows = loss_rows(metas)
         for row in rows:
             m = metas[row["user"]]
-            row.update({k: m[k] for k in ("budget_bits", "keep_fraction", "images") if k in m})
+            row.update({k: m[k] for k in self.row_fields if k in m})
             row["role"] = "features" if "images" in m else "update"
         return {**info, "user_rows": rows}
 

@@ -60,9 +60,13 @@ class DeepJSCC(SemanticModel):
         z = self._pairs(feat)
         return feat, power_normalize(torch.view_as_complex(z.contiguous()).reshape(z.shape[0], -1))
 
-    def _received(self, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def symbol_map(self, Y: torch.Tensor) -> torch.Tensor:
+        """Received symbols (B, n) complex -> the decoder's input map (B, 2s, h, w)."""
         y = torch.view_as_real(Y).reshape(Y.shape[0], self.tokens, self.symbols_per_token, 2)
-        c_map = self.from_symbols(y.permute(0, 2, 3, 1).reshape(Y.shape[0], 2 * self.symbols_per_token, *self.grid))
+        return y.permute(0, 2, 3, 1).reshape(Y.shape[0], 2 * self.symbols_per_token, *self.grid)
+
+    def _received(self, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c_map = self.from_symbols(self.symbol_map(Y))
         return c_map, self.decoder(c_map)
 
     def transmit_symbols(self, images: torch.Tensor) -> torch.Tensor:
