@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from semfl.cli import main
-from semfl.config import ConfigError
+from semfl.config import ConfigError, load_config
 from semfl.report.compare import group_runs, load_runs, summarise
 from semfl.runtime.checkpoint import read_jsonl
 from semfl.runtime.local import LocalTransport
@@ -252,3 +252,16 @@ seed = [0, 1]
                     if r["scope"] == "global"]
         assert quality(tmp_path / "par") == quality(tmp_path / "seq")
     assert main(["sweep", str(path), "--jobs", "0"]) == 2
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(CONFIGS.parent)) for p in CONFIGS.parent.rglob("*.toml")))
+def test_every_shipped_config_and_sweep_loads(path):
+    """Every TOML under configs/ is a valid config, or a sweep whose every point is one."""
+    import tomllib
+
+    file = CONFIGS.parent / path
+    if "sweep" in tomllib.loads(file.read_text()):
+        sweep = load_sweep(file)
+        assert sweep.points and all(point.config() for point in sweep.points)
+    else:
+        assert load_config(file, [])
