@@ -57,6 +57,15 @@ def method_overrides(method: str) -> list[str]:
     return [f"method={method}"] + ([f"model.arch={METHOD_MODELS[method]}"] if method in METHOD_MODELS else [])
 
 
+def vq_overrides(fmnist_root, cache_dir, method: str, users: int) -> list[str]:
+    """--set overrides for tiny runs of the VQ-JSCC methods (FedSFR and its baselines): IID users with
+    60 samples each, training and testing at a fixed 20 dB, no classifier term."""
+    return [f"data.root={fmnist_root}", f"classifier.cache_dir={cache_dir}", "scale=tiny", "data.download=false",
+            "data.test_samples=100", "classifier.epochs=1", "eval.snr_sweep=[]", f"users={users}",
+            "model.arch=vq-jscc", f"method={method}", "data.partition=iid", "data.max_per_user=60",
+            "train.task_weight=0", "channel.train_snr=fixed", "channel.snr_db=20"]
+
+
 def local_method(method_cls, overrides: list[str], round_: int = 1):
     """A method wired to a LocalTransport outside the runner, for tests that drive its handlers:
     (cfg, run context, user data, transport, method)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import local_method, whole_and_resumed
+from conftest import local_method, vq_overrides, whole_and_resumed
 from semfl.codecs import Payload
 from semfl.codecs.base import META_BITS
 from semfl.config import ConfigError, load_config
@@ -15,10 +15,8 @@ from semfl.runtime.checkpoint import read_jsonl
 
 @pytest.fixture
 def base(fmnist_root, tmp_path):
-    return [f"data.root={fmnist_root}", f"classifier.cache_dir={tmp_path / 'cache'}", "scale=tiny", "data.download=false",
-            "data.test_samples=100", "classifier.epochs=1", "eval.snr_sweep=[]", "eval.grid_images=0", "users=3",
-            "model.arch=vq-jscc", "method=fedsfd", "data.partition=iid", "data.max_per_user=60", "train.task_weight=0",
-            "channel.train_snr=fixed", "channel.snr_db=20", "fedsfd.pairs=10"], tmp_path
+    extra = ["eval.grid_images=0", "fedsfd.pairs=10"]
+    return vq_overrides(fmnist_root, tmp_path / "cache", "fedsfd", users=3) + extra, tmp_path
 
 
 def test_the_middle_is_the_decoder_up_to_the_intermediate_feature(base):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import local_method
+from conftest import local_method, vq_overrides
 from semfl.channel import make_channel
 from semfl.codecs import Payload, get_codec
 from semfl.codecs.base import META_BITS
@@ -124,10 +124,7 @@ def test_usage_kl_is_zero_for_uniform_use_and_log_m_for_one_codeword():
 @pytest.fixture(scope="module")
 def base(fmnist_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fedsfr")
-    return [f"data.root={fmnist_root}", f"classifier.cache_dir={tmp / 'cache'}", "scale=tiny", "data.download=false",
-            "data.test_samples=100", "classifier.epochs=1", "eval.snr_sweep=[]", "users=4", "model.arch=vq-jscc",
-            "method=fedsfr", "data.partition=iid", "data.max_per_user=60", "train.task_weight=0",
-            "channel.train_snr=fixed", "channel.snr_db=20"], tmp
+    return vq_overrides(fmnist_root, tmp / "cache", "fedsfr", users=4), tmp
 
 
 def make_method(overrides):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import local_method, whole_and_resumed
+from conftest import local_method, vq_overrides, whole_and_resumed
 from semfl.channel import make_channel
 from semfl.codecs import Payload
 from semfl.config import ConfigError, load_config
@@ -22,10 +22,8 @@ from semfl.training import batches, reconstruction_loss, snr_tensor
 
 @pytest.fixture
 def base(fmnist_root, tmp_path):
-    return [f"data.root={fmnist_root}", f"classifier.cache_dir={tmp_path / 'cache'}", "scale=tiny", "data.download=false",
-            "data.test_samples=100", "classifier.epochs=1", "eval.snr_sweep=[]", "eval.grid_images=0", "users=3",
-            "model.arch=vq-jscc", "method=skbs", "data.partition=iid", "data.max_per_user=60", "train.task_weight=0",
-            "channel.train_snr=fixed", "channel.snr_db=20", "skbs.user_eval_samples=50"], tmp_path
+    extra = ["eval.grid_images=0", "skbs.user_eval_samples=50"]
+    return vq_overrides(fmnist_root, tmp_path / "cache", "skbs", users=3) + extra, tmp_path
 
 
 def test_mutual_distillation_is_each_models_own_loss_against_autograd(base):
@@ -93,7 +91,8 @@ def test_config_errors_name_the_field(base):
 
 def test_a_run_learns_and_resumes_to_the_same_metrics(base, monkeypatch):
     overrides, tmp = base
-    cfg = load_config(None, overrides + ["rounds=3", "train.optimizer=adam", "train.lr=0.01", "train.local_epochs=2", "fedsfr.slot_s=0.2"])
+    cfg = load_config(None, overrides + ["rounds=3", "train.optimizer=adam", "train.lr=0.01", "train.local_epochs=2",
+                                         "fedsfr.slot_s=0.2"])
     whole, resumed = whole_and_resumed(cfg, tmp, monkeypatch, SKBS, "user_train", 2,
                                        ("round", "scope", "user", "psnr_db", "personal_psnr_db", "uplink_bits"))
     assert whole == resumed
