@@ -238,3 +238,36 @@ def test_a_budget_too_small_for_one_image_sends_none_and_the_round_goes_on(base)
     info = method.run_round(1, [0, 1, 2, 3])  # every user below the threshold, a few hundred bits each
     assert info["feature_users"] == 4 and "fr_loss" not in info
     assert all(r["images"] == 0 and r["role"] == "features" for r in info["user_rows"])
+
+
+def test_learning_rates_decay_by_the_schedule(base, monkeypatch):
+    """fedsfr.lr_decay: the users' and the FR learning rate x decay ** ((round - 1) // every)."""
+    import semfl.methods.fedsfr as fedsfr_module
+    import semfl.training as training
+    from semfl.methods.fedsfr import FedSFROptions, lr_factor
+
+    options = FedSFROptions(lr_decay=0.9, lr_decay_every=10)
+    assert [lr_factor(options, r) for r in (1, 10, 11, 20, 21)] == pytest.approx([1, 1, 0.9, 0.9, 0.81])
+    overrides, _ = base
+    cfg, run, user_data, method, transport = make_method(overrides + ["fedsfr.lr_decay=0.5", "fedsfr.lr_decay_every=2",
+                                                                      "fedsfr.mode=compressed-fedavg", "train.lr=0.02",
+                                                                      "fedsfr.server_lr=0.004"])
+    seen = []
+
+    def recording(make):
+        def wrapped(params, train_cfg, lr=None):
+            seen.append(train_cfg.lr if lr is None else lr)
+            return make(params, train_cfg, lr=lr)
+        return wrapped
+
+    monkeypatch.setattr(training, "make_optimizer", recording(training.make_optimizer))
+    monkeypatch.setattr(fedsfr_module, "make_optimizer", recording(fedsfr_module.make_optimizer))
+    for round_, factor in ((2, 1.0), (3, 0.5), (5, 0.25)):
+        transport.round = round_
+        seen.clear()
+        transport.send([0], "train", Payload(method.global_weights, codec="dense"))
+        method.feature_reconstruction(torch.zeros(4, method.model.tokens * method.model.symbols_per_token,
+                                                  dtype=torch.long), round_)
+        assert seen == pytest.approx([0.02 * factor, 0.004 * factor]), round_
+    with pytest.raises(ConfigError, match=r"^fedsfr.lr_decay"):
+        load_config(None, ["method=fedsfr", "model.arch=vq-jscc", "fedsfr.lr_decay=0"])

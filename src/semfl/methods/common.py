@@ -99,12 +99,13 @@ def steps_data(x, y, steps: int, batch_size: int, generator):
     return x[order], y[order]
 
 
-def train_delta(run: RunContext, model: nn.Module, weights: dict, ctx, steps: int = 0):
+def train_delta(run: RunContext, model: nn.Module, weights: dict, ctx, steps: int = 0, train_cfg=None):
     """Local training from `weights` (the user's copy of the global model) on the user's data.
 
     Returns (delta, loss, trained) with delta = w_local - weights per trainable parameter and
     trained = the local weights. steps > 0 trains exactly that many minibatches (FedPAQ's tau)
-    instead of train.local_epochs epochs. Draws come from ctx.generator("batches") (and
+    instead of train.local_epochs epochs; train_cfg replaces cfg.train (a method's schedule of the round).
+    Draws come from ctx.generator("batches") (and
     ctx.generator("steps") for the step sample), so a user's round is deterministic."""
     import dataclasses
 
@@ -112,10 +113,10 @@ def train_delta(run: RunContext, model: nn.Module, weights: dict, ctx, steps: in
 
     cfg = run.cfg
     load_weights(model, weights)
-    x, y, train_cfg = ctx.x, ctx.y, cfg.train
+    x, y, train_cfg = ctx.x, ctx.y, train_cfg or cfg.train
     if steps > 0:
-        x, y = steps_data(x, y, steps, cfg.train.batch_size, ctx.generator("steps"))
-        train_cfg = dataclasses.replace(cfg.train, local_epochs=1)
+        x, y = steps_data(x, y, steps, train_cfg.batch_size, ctx.generator("steps"))
+        train_cfg = dataclasses.replace(train_cfg, local_epochs=1)
     loss = local_train(model, x, y, train_cfg, train_snr(cfg, ctx), run.classifier, ctx.generator("batches"))
     trained = weights_of(model)
     delta = {k: trained[k] - weights[k].to(trained[k].device) for k in trained}

@@ -24,6 +24,7 @@ Metrics: every user's personal model on the test subset (user rows); the global 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ from semfl.codecs import Payload
 from semfl.config import ConfigError, register_table
 from semfl.methods.base import Method, register_method
 from semfl.methods.common import build_semantic_model, finish_semantic, loss_rows, to_cpu, train_snr
+from semfl.methods.fedsfr import lr_factor
 from semfl.models.vqjscc import nearest_codeword
 from semfl.runtime import seeding
 from semfl.runtime.local import UserContext
@@ -117,7 +119,7 @@ class FedSFD(Method):
     def __init__(self, run, transport):
         super().__init__(run, transport)
         self.options: FedSFDOptions = self.cfg.table("fedsfd")
-        vq = self.cfg.table("fedsfr")
+        self.vq = vq = self.cfg.table("fedsfr")  # the codebook, the usage loss and the learning-rate schedule
         self.model = build_semantic_model(run, self.cfg.model.arch)  # one working personal model
         self.model.configure(vq.bits_per_symbol, vq.margin, vq.usage_weight)
         self.personal_init = to_cpu(weights_of(self.model))  # every user's model starts here
@@ -131,12 +133,13 @@ class FedSFD(Method):
         return f"index{self.model.bits_per_symbol}"
 
     # ---------------------------------------------------------------- users
-    def distill_middle(self, knowledge: dict[str, torch.Tensor], generator: torch.Generator) -> float:
+    def distill_middle(self, knowledge: dict[str, torch.Tensor], generator: torch.Generator, round_: int = 1) -> float:
         """The working model's middle (only) towards the base station's outputs on its pairs."""
         model, o = self.model, self.options
         codewords = model.codebook[knowledge["indices"].to(self.run.device).long()]
         params = [p for n, p in model.named_parameters() if n.startswith(MIDDLE_PREFIXES)]
-        optimizer = make_optimizer(params, self.cfg.train, lr=o.distill_lr or None)
+        lr = (o.distill_lr or self.cfg.train.lr) * lr_factor(self.vq, round_)
+        optimizer = make_optimizer(params, self.cfg.train, lr=lr)
         model.train()
         return fit(lambda c: middle(model, c), codewords, knowledge["targets"].to(self.run.device), o.distill_epochs,
                    optimizer, self.cfg.train.batch_size, generator)
@@ -146,8 +149,9 @@ class FedSFD(Method):
         load_weights(model, ctx.state.get("personal", self.personal_init))
         meta: dict[str, Any] = {"num_samples": ctx.num_samples}
         if len(payload.tensors.get("indices", ())):
-            meta["distill_loss"] = self.distill_middle(payload.tensors, ctx.generator("distill"))
-        meta["loss"] = local_train(model, ctx.x, ctx.y, cfg.train, train_snr(cfg, ctx), self.run.classifier,
+            meta["distill_loss"] = self.distill_middle(payload.tensors, ctx.generator("distill"), ctx.round)
+        train = dataclasses.replace(cfg.train, lr=cfg.train.lr * lr_factor(self.vq, ctx.round))
+        meta["loss"] = local_train(model, ctx.x, ctx.y, train, train_snr(cfg, ctx), self.run.classifier,
                                    ctx.generator("batches"))
         pick = torch.randperm(ctx.num_samples, generator=ctx.generator("pairs"))[:o.pairs].to(ctx.x.device)
         with torch.no_grad():
@@ -177,7 +181,8 @@ class FedSFD(Method):
             codewords = self.model.codebook[indices.to(self.run.device).long()]
             seeding.enter(self.cfg.seed, round_, "fedsfd-server")
             self.server.train()
-            optimizer = make_optimizer(self.server.parameters(), self.cfg.train, lr=self.options.server_lr or None)
+            lr = (self.options.server_lr or self.cfg.train.lr) * lr_factor(self.vq, round_)
+            optimizer = make_optimizer(self.server.parameters(), self.cfg.train, lr=lr)
             info["server_distill_loss"] = fit(self.server_middle, codewords, targets, self.options.server_epochs,
                                               optimizer, self.cfg.train.batch_size,
                                               seeding.generator(self.cfg.seed, round_, "fedsfd-server"))

@@ -23,6 +23,7 @@ aggregation-weight baselines: the softmax of the users' losses (Xing et al.) and
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,9 @@ class FedSFROptions:
     usage_weight: float = 0.01  # beta of eq 3 (codeword usage KL)
     measure_fr: bool = False  # evaluate the global model before and after FR each round (fr_gain_db)
     weighting: str = "size"  # aggregation weights of the updates: size (eq 12) | loss-softmax | fedlol
+    # users' and FR learning rates x lr_decay ** ((round - 1) // lr_decay_every); the paper: 0.9 every 10
+    lr_decay: float = 1.0
+    lr_decay_every: int = 10
 
     def validate(self, cfg) -> None:
         if self.mode not in MODES:
@@ -127,11 +131,19 @@ class FedSFROptions:
             raise ConfigError(f"fedsfr.public_fraction: must be in (0, 1], got {self.public_fraction}")
         if self.server_epochs < 0 or self.server_lr < 0 or self.server_batch_size < 0:
             raise ConfigError("fedsfr.server_epochs: server_epochs, server_lr and server_batch_size must be >= 0")
+        if not 0 < self.lr_decay <= 1 or self.lr_decay_every < 1:
+            raise ConfigError(f"fedsfr.lr_decay: must be in (0, 1] with lr_decay_every >= 1, got {self.lr_decay} "
+                              f"every {self.lr_decay_every}")
         if not 0 <= self.margin < 1 or self.usage_weight < 0:
             raise ConfigError(f"fedsfr.margin: must be in [0, 1) (and usage_weight >= 0), got {self.margin}")
 
 
 register_table("fedsfr", FedSFROptions)
+
+
+def lr_factor(options: FedSFROptions, round_: int) -> float:
+    """The learning-rate multiplier of a round (1-based): lr_decay ** ((round - 1) // lr_decay_every)."""
+    return options.lr_decay ** ((max(round_, 1) - 1) // options.lr_decay_every)
 
 
 def capacity_bits(bandwidth_hz: float, slot_s: float, snr_db: float) -> int:
@@ -157,6 +169,13 @@ class FedSFR(FedAvg):
     def request_meta(self, round_: int) -> dict:
         return {}
 
+    def lr_factor(self, round_: int) -> float:
+        return lr_factor(self.options, round_)
+
+    def round_train(self, round_: int):
+        """train with the learning rate of this round (fedsfr.lr_decay)."""
+        return dataclasses.replace(self.cfg.train, lr=self.cfg.train.lr * self.lr_factor(round_))
+
     # ---------------------------------------------------------------- users
     def public_indices(self, ctx: UserContext) -> torch.Tensor:
         """The user's public samples: a fixed ``public_fraction`` of its data, the same every round."""
@@ -169,7 +188,7 @@ class FedSFR(FedAvg):
 
     def user_train(self, ctx: UserContext, payload: Payload) -> Payload:
         o = self.options
-        delta, loss, _ = train_delta(self.run, self.model, payload.tensors, ctx)
+        delta, loss, _ = train_delta(self.run, self.model, payload.tensors, ctx, train_cfg=self.round_train(ctx.round))
         budget = capacity_bits(self.cfg.link.uplink_bandwidth_hz, o.slot_s, ctx.snr_db)
         meta = {**reply_meta(self.run, self.model, ctx, loss), "budget_bits": budget}
         if self.sends_features(ctx.snr_db):
@@ -248,7 +267,8 @@ class FedSFR(FedAvg):
         seeding.enter(self.cfg.seed, round_, "fr")
         load_weights(model, self.global_weights)
         model.train()
-        opt = make_optimizer(model.parameters(), self.cfg.train, lr=o.server_lr or self.cfg.train.lr / 10)
+        lr = (o.server_lr or self.cfg.train.lr / 10) * self.lr_factor(round_)
+        opt = make_optimizer(model.parameters(), self.cfg.train, lr=lr)
         codewords = model.codebook[indices.to(self.run.device).long()]  # (N, n, 2)
         gen = seeding.generator(self.cfg.seed, round_, "fr")
         size = o.server_batch_size or self.cfg.train.batch_size

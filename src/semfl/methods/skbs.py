@@ -124,7 +124,7 @@ class SKBS(FedSFR):
     def user_train(self, ctx: UserContext, payload: Payload) -> Payload:
         load_weights(self.personal, ctx.state.get("personal", self.personal_init))
         load_weights(self.model, payload.tensors)
-        stats = mutual_distillation(self.personal, self.model, ctx.x, ctx.y, self.cfg.train, train_snr(self.cfg, ctx),
+        stats = mutual_distillation(self.personal, self.model, ctx.x, ctx.y, self.round_train(ctx.round), train_snr(self.cfg, ctx),
                                     self.run.classifier, ctx.generator("batches"), self.skbs.distill_weight)
         ctx.state["personal"] = to_cpu(weights_of(self.personal))
         trained = weights_of(self.model)
