@@ -98,3 +98,37 @@ def test_a_run_learns_and_resumes_to_the_same_metrics(base, monkeypatch):
     users = [r for r in rows if r["scope"] == "user" and r["round"] == 3 and "psnr_db" in r]
     assert len(users) == 3 and glob[3]["users_evaluated"] == 3
     assert glob[3]["psnr_db"] == pytest.approx(sum(r["psnr_db"] for r in users) / 3)
+
+
+def test_skbs_and_fedsfd_follow_fedsfrs_learning_rate_schedule(base, monkeypatch):
+    import semfl.methods.fedsfd as fedsfd_module
+    import semfl.methods.skbs as skbs_module
+    import semfl.training as training
+    from semfl.methods.skbs import SKBS
+
+    overrides, _ = base
+    schedule = ["fedsfr.lr_decay=0.5", "fedsfr.lr_decay_every=2", "train.lr=0.02", "fedsfd.server_lr=0.004",
+                "fedsfd.distill_lr=0.008"]
+    seen = []
+
+    def recording(make):
+        def wrapped(params, train_cfg, lr=None):
+            seen.append(train_cfg.lr if lr is None else lr)
+            return make(params, train_cfg, lr=lr)
+        return wrapped
+
+    for module in (training, fedsfd_module, skbs_module):
+        monkeypatch.setattr(module, "make_optimizer", recording(module.make_optimizer))
+    cfg, run, user_data, transport, method = local_method(FedSFD, overrides + schedule)
+    method.run_round(1, [0])  # round 1: the knowledge for round 3's request
+    transport.round = 3
+    seen.clear()
+    method.run_round(3, [0])
+    # user: distillation, then local training; base station: its middle
+    assert seen == pytest.approx([0.008 * 0.5, 0.02 * 0.5, 0.004 * 0.5])
+    cfg, run, user_data, transport, method = local_method(SKBS, [o.replace("method=fedsfd", "method=skbs")
+                                                                 for o in overrides] + schedule)
+    transport.round = 5
+    seen.clear()
+    transport.send([0], "train", Payload(method.global_weights, codec="dense"))
+    assert seen == pytest.approx([0.02 * 0.25, 0.02 * 0.25])  # the personal and the compact model
