@@ -66,6 +66,21 @@ def vq_overrides(fmnist_root, cache_dir, method: str, users: int) -> list[str]:
             "train.task_weight=0", "channel.train_snr=fixed", "channel.snr_db=20"]
 
 
+def record_learning_rates(monkeypatch, modules) -> list[float]:
+    """Patch make_optimizer in each module to record the learning rate of every optimiser it makes;
+    returns the (live) list of rates, in order."""
+    seen: list[float] = []
+    for module in modules:
+        make = module.make_optimizer
+
+        def wrapped(params, train_cfg, lr=None, make=make):
+            seen.append(train_cfg.lr if lr is None else lr)
+            return make(params, train_cfg, lr=lr)
+
+        monkeypatch.setattr(module, "make_optimizer", wrapped)
+    return seen
+
+
 def local_method(method_cls, overrides: list[str], round_: int = 1):
     """A method wired to a LocalTransport outside the runner, for tests that drive its handlers:
     (cfg, run context, user data, transport, method)."""

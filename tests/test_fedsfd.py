@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import local_method, vq_overrides, whole_and_resumed
+from conftest import local_method, record_learning_rates, vq_overrides, whole_and_resumed
 from semfl.codecs import Payload
 from semfl.codecs.base import META_BITS
 from semfl.config import ConfigError, load_config
@@ -109,16 +109,7 @@ def test_skbs_and_fedsfd_follow_fedsfrs_learning_rate_schedule(base, monkeypatch
     overrides, _ = base
     schedule = ["fedsfr.lr_decay=0.5", "fedsfr.lr_decay_every=2", "train.lr=0.02", "fedsfd.server_lr=0.004",
                 "fedsfd.distill_lr=0.008"]
-    seen = []
-
-    def recording(make):
-        def wrapped(params, train_cfg, lr=None):
-            seen.append(train_cfg.lr if lr is None else lr)
-            return make(params, train_cfg, lr=lr)
-        return wrapped
-
-    for module in (training, fedsfd_module, skbs_module):
-        monkeypatch.setattr(module, "make_optimizer", recording(module.make_optimizer))
+    seen = record_learning_rates(monkeypatch, (training, fedsfd_module, skbs_module))
     cfg, run, user_data, transport, method = local_method(FedSFD, overrides + schedule)
     method.run_round(1, [0])  # round 1: the knowledge for round 3's request
     transport.round = 3

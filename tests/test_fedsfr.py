@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import local_method, vq_overrides
+from conftest import local_method, record_learning_rates, vq_overrides
 from semfl.channel import make_channel
 from semfl.codecs import Payload, get_codec
 from semfl.codecs.base import META_BITS
@@ -252,16 +252,7 @@ def test_learning_rates_decay_by_the_schedule(base, monkeypatch):
     cfg, run, user_data, method, transport = make_method(overrides + ["fedsfr.lr_decay=0.5", "fedsfr.lr_decay_every=2",
                                                                       "fedsfr.mode=compressed-fedavg", "train.lr=0.02",
                                                                       "fedsfr.server_lr=0.004"])
-    seen = []
-
-    def recording(make):
-        def wrapped(params, train_cfg, lr=None):
-            seen.append(train_cfg.lr if lr is None else lr)
-            return make(params, train_cfg, lr=lr)
-        return wrapped
-
-    monkeypatch.setattr(training, "make_optimizer", recording(training.make_optimizer))
-    monkeypatch.setattr(fedsfr_module, "make_optimizer", recording(fedsfr_module.make_optimizer))
+    seen = record_learning_rates(monkeypatch, (training, fedsfr_module))
     for round_, factor in ((2, 1.0), (3, 0.5), (5, 0.25)):
         transport.round = round_
         seen.clear()
