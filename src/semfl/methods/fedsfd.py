@@ -24,23 +24,21 @@ Metrics: every user's personal model on the test subset (user rows); the global 
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from semfl.codecs import Payload
 from semfl.config import ConfigError, register_table
 from semfl.methods.base import Method, register_method
 from semfl.methods.common import build_semantic_model, finish_semantic, loss_rows, to_cpu, train_snr
-from semfl.methods.fedsfr import lr_factor
+from semfl.methods.fedsfr import fit_pairs, lr_factor, scheduled_train
 from semfl.models.vqjscc import nearest_codeword
 from semfl.runtime import seeding
 from semfl.runtime.local import UserContext
-from semfl.training import batches, evaluate_semantic, load_weights, local_train, make_optimizer, weights_of
+from semfl.training import evaluate_semantic, load_weights, local_train, make_optimizer, weights_of
 
 MIDDLE_PREFIXES = ("from_symbols.", "decoder.0.", "decoder.1.")  # codewords -> intermediate decoder feature
 
@@ -95,22 +93,6 @@ class ServerMiddle(nn.Module):
         return self.layers(symbol_map)
 
 
-def fit(module_out, codewords: torch.Tensor, targets: torch.Tensor, epochs: int, optimizer,
-        batch_size: int, generator: torch.Generator) -> float:
-    """Epochs of mean |module_out(c) - target|^2 over the pairs; returns the first epoch's mean loss."""
-    first, count = 0.0, 0
-    for epoch in range(epochs):
-        for idx in batches(len(codewords), batch_size, generator):
-            idx = idx.to(codewords.device)
-            loss = F.mse_loss(module_out(codewords[idx]), targets[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if epoch == 0:
-                first, count = first + float(loss.detach()) * len(idx), count + len(idx)
-    return first / max(count, 1)
-
-
 @register_method
 class FedSFD(Method):
     name = "fedsfd"
@@ -136,12 +118,12 @@ class FedSFD(Method):
     def distill_middle(self, knowledge: dict[str, torch.Tensor], generator: torch.Generator, round_: int = 1) -> float:
         """The working model's middle (only) towards the base station's outputs on its pairs."""
         model, o = self.model, self.options
-        codewords = model.codebook[knowledge["indices"].to(self.run.device).long()]
+        codewords = model.codewords_of(knowledge["indices"])
         params = [p for n, p in model.named_parameters() if n.startswith(MIDDLE_PREFIXES)]
         lr = (o.distill_lr or self.cfg.train.lr) * lr_factor(self.vq, round_)
         optimizer = make_optimizer(params, self.cfg.train, lr=lr)
         model.train()
-        return fit(lambda c: middle(model, c), codewords, knowledge["targets"].to(self.run.device), o.distill_epochs,
+        return fit_pairs(lambda c: middle(model, c), codewords, knowledge["targets"].to(self.run.device), o.distill_epochs,
                    optimizer, self.cfg.train.batch_size, generator)
 
     def user_train(self, ctx: UserContext, payload: Payload) -> Payload:
@@ -150,13 +132,13 @@ class FedSFD(Method):
         meta: dict[str, Any] = {"num_samples": ctx.num_samples}
         if len(payload.tensors.get("indices", ())):
             meta["distill_loss"] = self.distill_middle(payload.tensors, ctx.generator("distill"), ctx.round)
-        train = dataclasses.replace(cfg.train, lr=cfg.train.lr * lr_factor(self.vq, ctx.round))
+        train = scheduled_train(cfg.train, self.vq, ctx.round)
         meta["loss"] = local_train(model, ctx.x, ctx.y, train, train_snr(cfg, ctx), self.run.classifier,
                                    ctx.generator("batches"))
         pick = torch.randperm(ctx.num_samples, generator=ctx.generator("pairs"))[:o.pairs].to(ctx.x.device)
         with torch.no_grad():
             indices = nearest_codeword(model.features(ctx.x[pick]), model.codebook)
-            features = middle(model, model.codebook[indices])
+            features = middle(model, model.codewords_of(indices))
         ctx.state["personal"] = to_cpu(weights_of(model))
         return Payload({"indices": indices.to(torch.uint8).cpu(), "targets": features.cpu()}, codec="dense",
                        codecs={"indices": self.index_codec()}, meta=meta)
@@ -178,12 +160,12 @@ class FedSFD(Method):
             order = sorted(received)  # replies may arrive in any order; the base station's data may not
             indices = torch.cat([received[u]["indices"] for u in order])
             targets = torch.cat([received[u]["targets"] for u in order]).to(self.run.device)
-            codewords = self.model.codebook[indices.to(self.run.device).long()]
+            codewords = self.model.codewords_of(indices)
             seeding.enter(self.cfg.seed, round_, "fedsfd-server")
             self.server.train()
             lr = (self.options.server_lr or self.cfg.train.lr) * lr_factor(self.vq, round_)
             optimizer = make_optimizer(self.server.parameters(), self.cfg.train, lr=lr)
-            info["server_distill_loss"] = fit(self.server_middle, codewords, targets, self.options.server_epochs,
+            info["server_distill_loss"] = fit_pairs(self.server_middle, codewords, targets, self.options.server_epochs,
                                               optimizer, self.cfg.train.batch_size,
                                               seeding.generator(self.cfg.seed, round_, "fedsfd-server"))
             with torch.no_grad():

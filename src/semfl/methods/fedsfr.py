@@ -146,6 +146,28 @@ def lr_factor(options: FedSFROptions, round_: int) -> float:
     return options.lr_decay ** ((max(round_, 1) - 1) // options.lr_decay_every)
 
 
+def scheduled_train(train_cfg, options: FedSFROptions, round_: int):
+    """train_cfg with the learning rate of this round (fedsfr.lr_decay)."""
+    return dataclasses.replace(train_cfg, lr=train_cfg.lr * lr_factor(options, round_))
+
+
+def fit_pairs(module_out, inputs: torch.Tensor, targets: torch.Tensor, epochs: int, optimizer, batch_size: int,
+              generator: torch.Generator) -> float:
+    """Epochs of mean |module_out(input) - target|^2 over (input, target) pairs in mini-batches;
+    returns the first epoch's mean loss."""
+    first, count = 0.0, 0
+    for epoch in range(epochs):
+        for idx in batches(len(inputs), batch_size, generator):
+            idx = idx.to(inputs.device)
+            loss = F.mse_loss(module_out(inputs[idx]), targets[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if epoch == 0:
+                first, count = first + float(loss.detach()) * len(idx), count + len(idx)
+    return first / max(count, 1)
+
+
 def capacity_bits(bandwidth_hz: float, slot_s: float, snr_db: float) -> int:
     """Bits an error-free uplink carries in one slot at this SNR (Shannon)."""
     return int(bandwidth_hz * slot_s * math.log2(1 + 10 ** (snr_db / 10)))
@@ -169,12 +191,8 @@ class FedSFR(FedAvg):
     def request_meta(self, round_: int) -> dict:
         return {}
 
-    def lr_factor(self, round_: int) -> float:
-        return lr_factor(self.options, round_)
-
     def round_train(self, round_: int):
-        """train with the learning rate of this round (fedsfr.lr_decay)."""
-        return dataclasses.replace(self.cfg.train, lr=self.cfg.train.lr * self.lr_factor(round_))
+        return scheduled_train(self.cfg.train, self.options, round_)
 
     # ---------------------------------------------------------------- users
     def public_indices(self, ctx: UserContext) -> torch.Tensor:
@@ -267,23 +285,18 @@ class FedSFR(FedAvg):
         seeding.enter(self.cfg.seed, round_, "fr")
         load_weights(model, self.global_weights)
         model.train()
-        lr = (o.server_lr or self.cfg.train.lr / 10) * self.lr_factor(round_)
+        lr = (o.server_lr or self.cfg.train.lr / 10) * lr_factor(o, round_)
         opt = make_optimizer(model.parameters(), self.cfg.train, lr=lr)
-        codewords = model.codebook[indices.to(self.run.device).long()]  # (N, n, 2)
-        gen = seeding.generator(self.cfg.seed, round_, "fr")
-        size = o.server_batch_size or self.cfg.train.batch_size
-        first, count = 0.0, 0
-        for epoch in range(o.server_epochs):
-            for idx in batches(len(codewords), size, gen):
-                c = codewords[idx.to(codewords.device)]
-                with torch.no_grad():  # the virtual channel and the detector: no gradient into c
-                    y = model.channel(torch.view_as_complex(c.contiguous()), snr_tensor(self.cfg.channel.snr_db, len(c), c.device))
-                    detected = model.codebook[nearest_codeword(torch.view_as_real(y), model.codebook)]
-                loss = F.mse_loss(model.features(model.decode_codewords(detected)), c)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if epoch == 0:
-                    first, count = first + float(loss.detach()) * len(idx), count + len(idx)
+        snr = self.cfg.channel.snr_db
+
+        def reconstructed(c):
+            with torch.no_grad():  # the virtual channel and the detector: no gradient into c
+                y = model.channel(torch.view_as_complex(c.contiguous()), snr_tensor(snr, len(c), c.device))
+                detected = model.codewords_of(nearest_codeword(torch.view_as_real(y), model.codebook))
+            return model.features(model.decode_codewords(detected))
+
+        codewords = model.codewords_of(indices)  # (N, n, 2): the inputs are also the targets
+        first = fit_pairs(reconstructed, codewords, codewords, o.server_epochs, opt,
+                          o.server_batch_size or self.cfg.train.batch_size, seeding.generator(self.cfg.seed, round_, "fr"))
         self.global_weights = weights_of(model)
-        return first / max(count, 1)
+        return first

@@ -67,9 +67,13 @@ class VQJSCC(DeepJSCC):
         """The encoder's bounded 2-D feature vectors z, (B, n, 2)."""
         return self._encode(images)[1]
 
+    def codewords_of(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codeword indices (...) -> their codewords (..., 2), on the model's device."""
+        return self.codebook[indices.to(self.codebook.device).long()]
+
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
         """z -> its nearest codewords, straight-through."""
-        return z + (self.codebook[nearest_codeword(z, self.codebook)] - z).detach()
+        return z + (self.codewords_of(nearest_codeword(z, self.codebook)) - z).detach()
 
     def usage_kl(self, z: torch.Tensor) -> torch.Tensor:
         d = (z.reshape(-1, 1, 2) - self.codebook).pow(2).sum(-1)
