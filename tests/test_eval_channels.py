@@ -29,3 +29,16 @@ def test_sweep_on_other_channels(tiny_overrides, tmp_path):
     assert all(a - f > 0.1 for f, a in zip(faded["psnr_db"], own["psnr_db"])), (faded, own)
     assert all(f < a for f, a in zip(faded["ssim"], own["ssim"])), (faded, own)
     assert (run_dir / "figures" / "snr_sweep.png").is_file()
+
+
+def test_only_the_other_channel_curves_are_dashed(monkeypatch, tmp_path):
+    """A model label that itself ends in ')' (PSFL's 'student (CSC)') stays solid."""
+    from semfl.report import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or path)
+    values = {"psnr_db": [10.0, 12.0], "accuracy": [0.5, 0.6]}
+    sweep = {"student (CSC)": values, "student (CSC) (rayleigh)": values}
+    plots.snr_sweep(sweep, [0.0, 10.0], tmp_path / "s.png", dashed={"student (CSC) (rayleigh)"})
+    styles = {line.get_label(): line.get_linestyle() for line in figures[0].axes[0].get_lines()}
+    assert styles == {"student (CSC)": "-", "student (CSC) (rayleigh)": "--"}

@@ -39,6 +39,11 @@ def reconstruction_rows(run: RunContext, models: dict[str, nn.Module], count: in
     return images, rows
 
 
+def on_channel(label: str, kind: str) -> str:
+    """The SNR sweep's label of a model tested on another channel kind than its own."""
+    return f"{label} ({kind})"
+
+
 def snr_sweep(run: RunContext, models: dict[str, nn.Module]) -> dict[str, dict[str, list[float]]]:
     """Each model's test metrics at every eval.snr_sweep SNR on its own channel and then, labelled
     'model (kind)', on each eval.sweep_channels kind (the model's channel swapped for the sweep).
@@ -60,7 +65,7 @@ def snr_sweep(run: RunContext, models: dict[str, nn.Module]) -> dict[str, dict[s
             own = model.channel
             model.channel = Channel(kind, equalize=run.cfg.channel.equalize).to(next(model.parameters()).device)
             try:
-                out[f"{label} ({kind})"] = sweep(model)
+                out[on_channel(label, kind)] = sweep(model)
             finally:
                 model.channel = own
     return out
@@ -82,7 +87,8 @@ def finish_semantic(run: RunContext, models: dict[str, nn.Module], out_dir) -> d
     if run.cfg.eval.snr_sweep:
         sweep = snr_sweep(run, models)
         atomic_text(out_dir / "snr_sweep.json", json.dumps({"snr_db": run.cfg.eval.snr_sweep, "models": sweep}, indent=1))
-        plots.snr_sweep(sweep, run.cfg.eval.snr_sweep, out_dir / "figures" / "snr_sweep.png")
+        other = {on_channel(label, kind) for kind in run.cfg.eval.sweep_channels for label in models}
+        plots.snr_sweep(sweep, run.cfg.eval.snr_sweep, out_dir / "figures" / "snr_sweep.png", dashed=other)
     return summary
 
 
