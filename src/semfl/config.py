@@ -155,6 +155,10 @@ class Config:
         """The options dataclass of a method table such as ``psfl``."""
         return self.methods[name]
 
+    def evaluates(self, round_: int) -> bool:
+        """Whether round ``round_`` is evaluated: every eval.every rounds, and always the last."""
+        return round_ % self.eval.every == 0 or round_ == self.rounds
+
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k != "methods"}
         for name, options in self.methods.items():

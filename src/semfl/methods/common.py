@@ -168,7 +168,7 @@ def reply_meta(run: RunContext, model: nn.Module, ctx, loss: float, sent: dict |
     cfg = run.cfg
     meta = {"num_samples": ctx.num_samples, "loss": loss}
     n = cfg.eval.user_samples
-    if n <= 0 or not (ctx.round % cfg.eval.every == 0 or ctx.round == cfg.rounds):
+    if n <= 0 or not cfg.evaluates(ctx.round):
         return meta
     if sent is not None:
         load_weights(model, sent)

@@ -218,7 +218,7 @@ class PSFL(Method):
 
     def run_round(self, round_: int, users: list[int]) -> dict[str, Any]:
         info = self._prune(round_)
-        due = round_ % self.cfg.eval.every == 0 or round_ == self.cfg.rounds
+        due = self.cfg.evaluates(round_)
         meta = {"pruned": bool(self.options.agp), "evaluate": due}
         if self.options.secure_aggregation:
             meta.update(participants=list(users), participant_samples=sum(self.run.user_sizes[u] for u in users))

@@ -118,8 +118,7 @@ class SKBS(FedSFR):
         return False  # every user sends its compact model's update
 
     def request_meta(self, round_: int) -> dict:
-        due = round_ % self.cfg.eval.every == 0 or round_ == self.cfg.rounds
-        return {"evaluate": bool(due and self.skbs.user_eval_samples)}
+        return {"evaluate": bool(self.cfg.evaluates(round_) and self.skbs.user_eval_samples)}
 
     def user_train(self, ctx: UserContext, payload: Payload) -> Payload:
         load_weights(self.personal, ctx.state.get("personal", self.personal_init))

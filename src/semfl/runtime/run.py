@@ -224,7 +224,7 @@ class Runner:
         return out
 
     def _round_rows(self, method, round_: int, info: dict, link_rows: list[dict]) -> list[dict]:
-        due = round_ % self.cfg.eval.every == 0 or round_ == self.cfg.rounds
+        due = self.cfg.evaluates(round_)
         seeding.enter(self.cfg.seed, round_, "eval")
         rows = self._evaluate(method, round_, info) if due else self._evaluate_skipped(round_, info)
         users = {r["user"]: r for r in rows if r["scope"] == "user"}
