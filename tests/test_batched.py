@@ -218,7 +218,7 @@ def test_bench_quick_smoke(fmnist_root, tmp_path):
     from semfl.cli import main
 
     out = tmp_path / "results"
-    code = main(["bench", "--quick", "--only", "overhead,vmap,precision,workers,scaling-psfl", "--repeats", "1", "--out", str(out),
+    code = main(["bench", "--quick", "--only", "overhead,vmap,precision,workers,scaling-psfl,compute", "--repeats", "1", "--out", str(out),
                  "--set", f"data.root={fmnist_root}", "--set", "data.download=false",
                  "--set", f"classifier.cache_dir={tmp_path / 'cache'}"])
     assert code == 0
@@ -242,7 +242,26 @@ def test_bench_quick_smoke(fmnist_root, tmp_path):
     assert set(psfl) == {(0, 3), (0, 9), (64, 3), (64, 9)}
     assert all(p["round_s"] > 0 and p["peak_rss_rounds_mb"] >= p["rss_before_rounds_mb"] for p in psfl.values())
     assert "Scaling with per-user state" in (out / "bench-cpu-quick.md").read_text()
+    compute = result["compute"]
+    assert compute["flops_per_step"] > 0 and compute["step_s"] > 0 and 0 < compute["conv_time_share"] < 1
+    assert compute["gflops"] == pytest.approx(compute["flops_per_step"] / compute["step_s"] / 1e9)
+    assert "Compute of one local step" in (out / "bench-cpu-quick.md").read_text()
     assert main(["bench", "--only", "nonsense"]) == 2
+
+
+def test_five_x_requirement_by_hand():
+    from semfl.bench_compute import five_x_requirement
+
+    compute = {"step_s": 0.08, "flops_per_step": 4.0e9, "gemm_gflops": 200.0}
+    # Flower: 9 users, a 14.4 s round (1.6 s per client), a 0.6 s fit of 8 batches -> 1.0 s of engine
+    point = {"batches_per_user": 8, "flower": {"steady_round_s": 14.4, "fit_s_median": 0.6, "users": 9}}
+    need = five_x_requirement(compute, point, 9)
+    assert need["semfl_alone_step_s"] == pytest.approx(14.4 / 5 / 9 / 8)  # 40 ms
+    assert need["semfl_alone_speedup_needed"] == pytest.approx(2.0)
+    assert need["semfl_alone_fraction_of_gemm"] == pytest.approx(4.0 / 0.04 / 200)  # 100 GFLOP/s of 200
+    # (fit' + 1.0) / fit' = 5  ->  fit' = 0.25 s  ->  31.25 ms per batch
+    assert need["both_step_s"] == pytest.approx(0.25 / 8)
+    assert need["both_speedup_needed"] == pytest.approx(0.08 / 0.03125)
 
 
 def test_bench_flower_table_lists_every_workload():

@@ -20,6 +20,8 @@ Measures (each result records the machine: CPU model, cores, torch version, thre
   each in a fresh subprocess.
 * **vmap**: FedAvg rounds with ``train.vmap`` off and on.
 * **precision**: FedAvg and PSFL rounds with ``train.precision`` fp32 and bf16 (autocast).
+* **compute**: one local step on its own: FLOPs, time, convolution share, against a GEMM on the same
+  device (``semfl.bench_compute``).
 
 Results: ``<out>/bench-<device>[-quick].json`` and ``.md``.
 """
@@ -38,7 +40,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PARTS = ("overhead", "flower", "scaling", "scaling-psfl", "vmap", "precision", "workers", "psfl")
+PARTS = ("overhead", "flower", "scaling", "scaling-psfl", "vmap", "precision", "workers", "psfl", "compute")
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -107,8 +109,9 @@ def plain_fedavg(cfg, run, user_data) -> float:
     forward (channel at each user's link SNR) / loss / backward / step."""
     import torch
 
+    from semfl.bench_compute import local_step
     from semfl.methods.common import build_semantic_model
-    from semfl.training import autocast, batches, make_optimizer, reconstruction_loss, snr_tensor
+    from semfl.training import batches, make_optimizer
 
     model = build_semantic_model(run, cfg.model.arch)
     model.train()
@@ -121,14 +124,7 @@ def plain_fedavg(cfg, run, user_data) -> float:
             snr = run.link.snr_db(round_, user)
             for _ in range(cfg.train.local_epochs):
                 for idx in batches(len(x), cfg.train.batch_size, gen):
-                    images, labels = x[idx], y[idx]
-                    with autocast(cfg.train.precision, images.device):
-                        out = model(images, snr_tensor(snr, len(idx), images.device))
-                        loss, _ = reconstruction_loss(out.recon, images, labels, run.classifier,
-                                                      cfg.train.task_weight)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    local_step(model, opt, x[idx], y[idx], snr, cfg, run)
     _sync(run.device)
     return time.perf_counter() - tic
 
@@ -216,6 +212,12 @@ def setting_compare(quick: bool, device: str, repeats: int, key: str, values: tu
                       "round_s": statistics.median(times) / cfg.rounds}
     out[f"speedup_{values[1]}_vs_{values[0]}"] = out[values[0]]["median_s"] / out[values[1]]["median_s"]
     return out
+
+
+def compute_part(quick: bool, device: str) -> dict:
+    from semfl.bench_compute import compute_profile
+
+    return compute_profile(*_context(workload(quick, device, "fedavg")), variants=not quick)  # compiling: minutes
 
 
 def vmap_compare(quick: bool, device: str, repeats: int) -> dict:
@@ -492,6 +494,10 @@ def markdown(result: dict) -> str:
                          + f" | {w['speedup_threads']:.2f}× | {w['speedup_workers']:.2f}× | "
                            f"**{w['speedup_workers_vs_threads']:.2f}×** |")
         lines.append("")
+    if result.get("compute"):
+        from semfl.bench_compute import markdown_lines
+
+        lines += markdown_lines(result)
     if result.get("measured"):
         lines += ["Load average (1 min) when each part started / ended: " + "; ".join(
             f"{k} {v['load_avg_start'][0]:.2f} / {v.get('load_avg_end', [float('nan')])[0]:.2f} ({v['time_utc']})"
@@ -528,6 +534,7 @@ def bench(device: str = "cpu", quick: bool = False, out: Path = Path("benchmarks
         "vmap": lambda: result.__setitem__("vmap", vmap_compare(quick, device, max(1, repeats - 1))),
         "precision": lambda: result.__setitem__("precision", precision_compare(quick, device, max(1, repeats - 1))),
         "workers": lambda: result.__setitem__("workers", workers_compare(quick, device, max(1, repeats - 1))),
+        "compute": lambda: result.__setitem__("compute", compute_part(quick, device)),
         "flower": lambda: result.__setitem__("flower", flower_compare(quick, device, repeats, 600 if quick else 1800)),
         "scaling": lambda: result.__setitem__("scaling", [
             _child(["-m", "semfl.bench", "--scaling-point",
