@@ -219,7 +219,7 @@ def setting_compare(quick: bool, device: str, repeats: int, key: str, values: tu
 def compute_part(quick: bool, device: str) -> dict:
     from semfl.bench_compute import compute_profile
 
-    return compute_profile(*_context(workload(quick, device, "fedavg")), variants=not quick)  # compiling: minutes
+    return compute_profile(*_context(workload(quick, device, "fedavg")), variants=not quick)  # compiling takes ~10 s: not in the smoke run
 
 
 def vmap_compare(quick: bool, device: str, repeats: int) -> dict:
