@@ -255,7 +255,7 @@ def test_five_x_requirement_by_hand():
     compute = {"step_s": 0.08, "flops_per_step": 4.0e9, "gemm_gflops": 200.0}
     # Flower: 9 users, a 14.4 s round (1.6 s per client), a 0.6 s fit of 8 batches -> 1.0 s of engine
     point = {"batches_per_user": 8, "flower": {"steady_round_s": 14.4, "fit_s_median": 0.6, "users": 9}}
-    need = five_x_requirement(compute, point, 9)
+    need = five_x_requirement(compute, point)
     assert need["semfl_alone_step_s"] == pytest.approx(14.4 / 5 / 9 / 8)  # 40 ms
     assert need["semfl_alone_speedup_needed"] == pytest.approx(2.0)
     assert need["semfl_alone_fraction_of_gemm"] == pytest.approx(4.0 / 0.04 / 200)  # 100 GFLOP/s of 200

@@ -12,6 +12,8 @@ from __future__ import annotations
 import statistics
 import time
 
+from semfl.bench import _sync
+
 GEMM_SIZE = 2048  # square fp32 matmul: the best case for these cores' vector units
 
 
@@ -26,13 +28,6 @@ def local_step(model, opt, images, labels, snr_db: float, cfg, run) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-
-
-def _sync(device) -> None:
-    import torch
-
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def gemm_gflops(device, repeats: int = 5) -> float:
@@ -96,13 +91,13 @@ def compute_profile(cfg, run, user_data, steps: int = 10, blocks: int = 5, varia
         step()
     flops = counter.get_total_flops()
     step_s = _median_step_s(step, run.device, steps, blocks)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if str(run.device).startswith("cuda") else [])
+    on_gpu = run.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
     # the kernels' own time: CPU time on a CPU, the GPU's time on a GPU (CPU time there is launches)
-    kernel_time = (lambda e: getattr(e, "self_device_time_total", 0)) if str(run.device).startswith("cuda") \
-        else (lambda e: e.self_cpu_time_total)
+    kernel_time = (lambda e: getattr(e, "self_device_time_total", 0)) if on_gpu else (lambda e: e.self_cpu_time_total)
     events = prof.key_averages()
     total = sum(kernel_time(e) for e in events)
     conv = sum(kernel_time(e) for e in events if "conv" in e.key.lower())
@@ -122,14 +117,14 @@ def compute_profile(cfg, run, user_data, steps: int = 10, blocks: int = 5, varia
     return out
 
 
-def five_x_requirement(compute: dict, flower_point: dict, users: int) -> dict:
+def five_x_requirement(compute: dict, flower_point: dict) -> dict:
     """What a 5× speed-up over Flower at this Flower point would need from one local step.
 
     Two readings. *semfl alone faster* (e.g. batching users, which a Flower client cannot do):
     semfl's round must be Flower's round ÷ 5. *Both faster* (a faster model or kernels, which
     Flower's clients would use too): Flower keeps its per-client engine cost, so the step must
     shrink until (fit + cost) ÷ fit = 5."""
-    batches = flower_point["batches_per_user"]
+    batches, users = flower_point["batches_per_user"], flower_point["flower"]["users"]
     flower_round = flower_point["flower"]["steady_round_s"]
     fit = flower_point["flower"].get("fit_s_median")
     out = {"batches_per_user": batches, "semfl_alone_step_s": flower_round / 5 / users / batches}
@@ -157,7 +152,7 @@ def markdown_lines(result: dict) -> list[str]:
     points = (result.get("flower") or {}).get("points") or []
     single = [p for p in points if p.get("cores", 1) == 1 and p.get("batches_per_user", 0) >= 8]
     if single:
-        need = five_x_requirement(c, single[-1], single[-1]["flower"]["users"])
+        need = five_x_requirement(c, single[-1])
         lines += [f"5× over Flower at {need['batches_per_user']} batches per client-round would need one step at "
                   f"≤ {need['semfl_alone_step_s'] * 1e3:.1f} ms if only semfl's step got faster "
                   f"({need['semfl_alone_speedup_needed']:.2f}× the measured step, "
