@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 CONFIG ?= configs/quickstart.toml
 ARGS ?=
+# pytest workers for `make test` (pytest-xdist): one per core, at most 4; TEST_WORKERS=0 runs in one process
+TEST_WORKERS ?= auto --maxprocesses=4
 
 .PHONY: run test test-slow setup setup-test data bench clean
 
@@ -39,7 +41,7 @@ run: setup
 	$(BIN)/semfl run $(CONFIG) $(ARGS)
 
 test: setup-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-slow: setup-test
 	$(BIN)/python -m pytest -q -m slow

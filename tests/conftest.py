@@ -2,11 +2,18 @@
 from __future__ import annotations
 
 import gzip
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest worker per core: one torch thread each, so they do not oversubscribe
+    os.environ["OMP_NUM_THREADS"] = "1"  # for the runs tests start in subprocesses
+    torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fixtures_data import idx_bytes  # noqa: E402

@@ -11,6 +11,8 @@ import time
 import pytest
 
 pytest.importorskip("flwr")
+# these tests look for leftover Flower processes machine-wide, so they share one pytest worker
+pytestmark = pytest.mark.xdist_group("flower-deployment")
 
 from semfl.config import load_config  # noqa: E402
 from semfl.deploy import LocalDeployment, make_node_key  # noqa: E402
