@@ -109,11 +109,11 @@ def image_grid(originals: torch.Tensor, rows: list[tuple[str, torch.Tensor, list
     fig, axes = plt.subplots(1 + len(rows), n, figsize=(1.3 * n, 1.45 * (1 + len(rows))), squeeze=False)
 
     def show(ax, img, title):
-        img = img.detach().cpu().clamp(0, 1)
+        img = img.detach().cpu().clamp(0, 1).numpy()  # matplotlib wants arrays, not tensors
         if img.shape[0] == 1:
             ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
         else:
-            ax.imshow(img.permute(1, 2, 0))
+            ax.imshow(img.transpose(1, 2, 0))
         ax.set_title(title, fontsize=6)
         ax.axis("off")
 
