@@ -13,6 +13,7 @@ import statistics
 import time
 
 from semfl.bench import _sync
+from semfl.bench_report import table
 
 GEMM_SIZE = 2048  # square fp32 matmul: the best case for these cores' vector units
 
@@ -141,11 +142,11 @@ def five_x_requirement(compute: dict, flower_point: dict) -> dict:
 def markdown_lines(result: dict) -> list[str]:
     c = result["compute"]
     share = "" if c.get("conv_time_share") is None else f"{c['conv_time_share']:.0%}"
-    lines = ["## Compute of one local step (the part both engines share)", "",
-             "| batch | parameters | GFLOP per step | step (ms) | achieved GFLOP/s | share of time in convolutions | "
-             f"fp32 GEMM {c['gemm_size']}² (GFLOP/s) | **achieved ÷ GEMM** |", "|---|---|---|---|---|---|---|---|",
-             f"| {c['batch_size']} | {c['parameters']:,} | {c['flops_per_step'] / 1e9:.2f} | {c['step_s'] * 1e3:.1f} | "
-             f"{c['gflops']:.1f} | {share} | {c['gemm_gflops']:.1f} | **{c['fraction_of_gemm']:.0%}** |", ""]
+    lines = table("Compute of one local step (the part both engines share)",
+                  ["batch", "parameters", "GFLOP per step", "step (ms)", "achieved GFLOP/s", "share of time in convolutions",
+                   f"fp32 GEMM {c['gemm_size']}² (GFLOP/s)", "**achieved ÷ GEMM**"],
+                  [f"| {c['batch_size']} | {c['parameters']:,} | {c['flops_per_step'] / 1e9:.2f} | {c['step_s'] * 1e3:.1f} | "
+                   f"{c['gflops']:.1f} | {share} | {c['gemm_gflops']:.1f} | **{c['fraction_of_gemm']:.0%}** |"]) + [""]
     if c.get("variants"):
         lines += ["The same step made faster without changing its arithmetic: " + "; ".join(
             f"{name} {v['step_s'] * 1e3:.1f} ms (**{v['speedup']:.2f}×**)" for name, v in c["variants"].items()) + ".", ""]

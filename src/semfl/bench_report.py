@@ -6,6 +6,11 @@ def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+def table(title: str, headers: list[str], rows: list[str]) -> list[str]:
+    """A section: its heading, then a Markdown table of the already formatted ``rows``."""
+    return [f"## {title}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers), *rows]
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# semfl bench ({m['device']}{', quick' if result['quick'] else ''})", "",
@@ -13,14 +18,14 @@ def markdown(result: dict) -> str:
              f"device {m['device']}; load average at start {m['load_avg'][0]:.2f}, at end "
              f"{result.get('load_avg_end', [0])[0]:.2f}; {m['time_utc']}.", ""]
     if result.get("overhead"):
-        lines += ["## Overhead ratio (engine ÷ plain loop, same forward/backward work)", "",
-                  "| method | users | rounds | samples/user | repeats | plain, median (s) | engine, median (s) | "
-                  "ratio of medians | ratio of minima | ratio of CPU time |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for o in result["overhead"]:
-            nan = float("nan")
-            lines.append(f"| {o['method']} | {o['users']} | {o['rounds']} | {o['samples_per_user']} | {o.get('repeats', '')} | "
-                         f"{o['plain_median_s']:.2f} | {o['engine_median_s']:.2f} | {o['overhead_ratio']:.3f} | "
-                         f"{o.get('overhead_ratio_min', nan):.3f} | **{o.get('overhead_ratio_cpu', nan):.3f}** |")
+        nan = float("nan")
+        lines += table("Overhead ratio (engine ÷ plain loop, same forward/backward work)",
+                       ["method", "users", "rounds", "samples/user", "repeats", "plain, median (s)", "engine, median (s)",
+                        "ratio of medians", "ratio of minima", "ratio of CPU time"],
+                       [f"| {o['method']} | {o['users']} | {o['rounds']} | {o['samples_per_user']} | {o.get('repeats', '')} | "
+                        f"{o['plain_median_s']:.2f} | {o['engine_median_s']:.2f} | {o['overhead_ratio']:.3f} | "
+                        f"{o.get('overhead_ratio_min', nan):.3f} | **{o.get('overhead_ratio_cpu', nan):.3f}** |"
+                        for o in result["overhead"]])
         lines += ["", "Wall-clock ratios swing with other processes' load; the CPU-time ratio (this process's "
                   "CPU seconds) is the steadier estimate on a shared machine."]
         lines.append("")
@@ -28,50 +33,45 @@ def markdown(result: dict) -> str:
         points = result["flower"].get("points") or [{"samples_per_user": "", "batches_per_user": "",
                                                      **result["flower"]}]  # an older single-point result
         flwr_version = points[0]["flower"].get("flwr", "")
-        lines += [f"## semfl vs Flower {flwr_version} simulation (same FedAvg workload)", "",
-                  "| samples/user | batches/user/round | cores per engine | semfl uses | Flower end to end (s) | "
-                  "semfl end to end (s) | **speed-up end to end** | Flower round (s) | semfl round (s) | "
-                  "**speed-up per round** | Flower client fit (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        rows = []
         for f in points:
             cores = f.get("cores", 1)
             parallelism = f.get("semfl_parallelism", "threads" if cores > 1 else "")  # older results: threads
             uses = {"threads": f"{cores} threads", "workers": f"{cores} workers"}.get(parallelism, "1 thread")
-            lines.append(f"| {f['samples_per_user']} | {f['batches_per_user']} | {cores} | {uses} | "
-                         f"{f['flower']['process_s']:.2f} | "
-                         f"{f['semfl']['process_s']:.2f} | **{f['speedup_end_to_end']:.1f}×** | "
-                         f"{f['flower']['steady_round_s']:.2f} | {f['semfl']['round_s']:.2f} | "
-                         f"**{f['speedup_per_round']:.1f}×** | {_fmt(f['flower'].get('fit_s_median'), '.3f')} |")
-        lines.append("")
+            rows.append(f"| {f['samples_per_user']} | {f['batches_per_user']} | {cores} | {uses} | "
+                        f"{f['flower']['process_s']:.2f} | "
+                        f"{f['semfl']['process_s']:.2f} | **{f['speedup_end_to_end']:.1f}×** | "
+                        f"{f['flower']['steady_round_s']:.2f} | {f['semfl']['round_s']:.2f} | "
+                        f"**{f['speedup_per_round']:.1f}×** | {_fmt(f['flower'].get('fit_s_median'), '.3f')} |")
+        lines += table(f"semfl vs Flower {flwr_version} simulation (same FedAvg workload)",
+                       ["samples/user", "batches/user/round", "cores per engine", "semfl uses", "Flower end to end (s)",
+                        "semfl end to end (s)", "**speed-up end to end**", "Flower round (s)", "semfl round (s)",
+                        "**speed-up per round**", "Flower client fit (s)"], rows) + [""]
     if result.get("scaling"):
-        lines += ["## Scaling (FedAvg, fixed data per user)", "",
-                  "| users | round (s) | round / user (s) | RSS before rounds (MB) | peak RSS in rounds (MB) | "
-                  "growth in rounds (MB) | users' data (MB) |", "|---|---|---|---|---|---|---|"]
-        for s in result["scaling"]:
-            lines.append(f"| {s['users']} | {s['round_s']:.2f} | {s['round_s_per_user']:.3f} | {s['rss_before_rounds_mb']:.0f} | "
-                         f"{s['peak_rss_rounds_mb']:.0f} | {s['rss_growth_rounds_mb']:.1f} | {s['user_data_mb']:.1f} |")
-        lines.append("")
+        lines += table("Scaling (FedAvg, fixed data per user)",
+                       ["users", "round (s)", "round / user (s)", "RSS before rounds (MB)", "peak RSS in rounds (MB)",
+                        "growth in rounds (MB)", "users' data (MB)"],
+                       [f"| {s['users']} | {s['round_s']:.2f} | {s['round_s_per_user']:.3f} | {s['rss_before_rounds_mb']:.0f} | "
+                        f"{s['peak_rss_rounds_mb']:.0f} | {s['rss_growth_rounds_mb']:.1f} | {s['user_data_mb']:.1f} |"
+                        for s in result["scaling"]]) + [""]
     if result.get("scaling_psfl"):
-        lines += ["## Scaling with per-user state (PSFL: a mentor and its optimiser per user)", "",
-                  "| users | state cap (MB) | round (s) | round / user (s) | RSS before rounds (MB) | "
-                  "peak RSS in rounds (MB) | growth in rounds (MB) |", "|---|---|---|---|---|---|---|"]
-        for s in result["scaling_psfl"]:
-            cap = s["state_memory_mb"] or "none"
-            lines.append(f"| {s['users']} | {cap} | {s['round_s']:.2f} | {s['round_s_per_user']:.3f} | "
-                         f"{s['rss_before_rounds_mb']:.0f} | {s['peak_rss_rounds_mb']:.0f} | {s['rss_growth_rounds_mb']:.1f} |")
-        lines.append("")
+        lines += table("Scaling with per-user state (PSFL: a mentor and its optimiser per user)",
+                       ["users", "state cap (MB)", "round (s)", "round / user (s)", "RSS before rounds (MB)",
+                        "peak RSS in rounds (MB)", "growth in rounds (MB)"],
+                       [f"| {s['users']} | {s['state_memory_mb'] or 'none'} | {s['round_s']:.2f} | {s['round_s_per_user']:.3f} | "
+                        f"{s['rss_before_rounds_mb']:.0f} | {s['peak_rss_rounds_mb']:.0f} | {s['rss_growth_rounds_mb']:.1f} |"
+                        for s in result["scaling_psfl"]]) + [""]
     if result.get("vmap"):
         v = result["vmap"]
-        lines += ["## Batched users (torch.func.vmap), FedAvg", "", "| train.vmap | rounds (s) | per round (s) |",
-                  "|---|---|---|",
-                  f"| off | {v['off']['median_s']:.2f} | {v['off']['round_s']:.2f} |",
-                  f"| on | {v['on']['median_s']:.2f} | {v['on']['round_s']:.2f} |",
-                  f"| speed-up on/off | {v['speedup_on_vs_off']:.2f}× | |", ""]
+        lines += table("Batched users (torch.func.vmap), FedAvg", ["train.vmap", "rounds (s)", "per round (s)"],
+                       [f"| off | {v['off']['median_s']:.2f} | {v['off']['round_s']:.2f} |",
+                        f"| on | {v['on']['median_s']:.2f} | {v['on']['round_s']:.2f} |",
+                        f"| speed-up on/off | {v['speedup_on_vs_off']:.2f}× | |"]) + [""]
     if result.get("precision"):
-        lines += ["## Training precision (train.precision: fp32 vs bf16 autocast)", "",
-                  "| method | fp32 rounds (s) | bf16 rounds (s) | **speed-up bf16/fp32** |", "|---|---|---|---|"]
-        for c in result["precision"]:
-            lines.append(f"| {c['method']} | {c['fp32']['median_s']:.2f} | {c['bf16']['median_s']:.2f} | "
-                         f"**{c['speedup_bf16_vs_fp32']:.2f}×** |")
+        lines += table("Training precision (train.precision: fp32 vs bf16 autocast)",
+                       ["method", "fp32 rounds (s)", "bf16 rounds (s)", "**speed-up bf16/fp32**"],
+                       [f"| {c['method']} | {c['fp32']['median_s']:.2f} | {c['bf16']['median_s']:.2f} | "
+                        f"**{c['speedup_bf16_vs_fp32']:.2f}×** |" for c in result["precision"]])
         losses = result["precision"][0].get("epoch_losses")
         if losses:
             lines += ["", "FedAvg, user 0 from the same start, training loss per local epoch: fp32 "
@@ -82,15 +82,12 @@ def markdown(result: dict) -> str:
     if result.get("workers"):
         cores = result["workers"][0]["cores"]
         labels = list(result["workers"][0]["settings"])
-        lines += [f"## Every core: intra-op threads vs one worker process per core (engine.workers), {cores} cores", "",
-                  "| method | " + " | ".join(f"{k}: rounds (s)" for k in labels)
-                  + " | threads speed-up | workers speed-up | **workers ÷ threads** |",
-                  "|---|" + "---|" * (len(labels) + 3)]
-        for w in result["workers"]:
-            lines.append(f"| {w['method']} | " + " | ".join(f"{w['settings'][k]['median_s']:.2f}" for k in labels)
-                         + f" | {w['speedup_threads']:.2f}× | {w['speedup_workers']:.2f}× | "
-                           f"**{w['speedup_workers_vs_threads']:.2f}×** |")
-        lines.append("")
+        lines += table(f"Every core: intra-op threads vs one worker process per core (engine.workers), {cores} cores",
+                       ["method", *(f"{k}: rounds (s)" for k in labels), "threads speed-up", "workers speed-up",
+                        "**workers ÷ threads**"],
+                       [f"| {w['method']} | " + " | ".join(f"{w['settings'][k]['median_s']:.2f}" for k in labels)
+                        + f" | {w['speedup_threads']:.2f}× | {w['speedup_workers']:.2f}× | "
+                          f"**{w['speedup_workers_vs_threads']:.2f}×** |" for w in result["workers"]]) + [""]
     if result.get("compute"):
         from semfl.bench_compute import markdown_lines
 
