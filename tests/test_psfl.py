@@ -25,6 +25,8 @@ def test_mentor_choice_table_i():
 
 def test_mentor_choice_rules():
     assert choose_mentors([10, 5000, 9000], PSFLOptions(mentor_rule="thresholds")) == ["gsc-m", "gsc-l", "gsc-h"]
+    # the default thresholds split Table I's own sizes as Table I does: 3 M, 4 L, 2 H
+    assert choose_mentors(TABLE_I, PSFLOptions(mentor_rule="thresholds")) == ["gsc-m"] * 3 + ["gsc-l"] * 4 + ["gsc-h"] * 2
     assert choose_mentors(TABLE_I, PSFLOptions(pld=False)) == ["gsc-m"] * 9
     override = ["gsc-h", "gsc-m", "gsc-l"]
     assert choose_mentors([1, 2, 3], PSFLOptions(mentors=override)) == override

@@ -107,7 +107,9 @@ class FTTQ(FedAvg):
         for name in self.quantised:
             module, attr = self._owner(name)
             wp = float(ternary_scale(payload.tensors[name])) or 1.0
-            parametrize.register_parametrization(module, attr, TernaryWeight(wp, self.options.threshold))
+            # w_p lives on the weight's device: autograd accumulates its gradient there
+            scale = TernaryWeight(wp, self.options.threshold).to(getattr(module, attr).device)
+            parametrize.register_parametrization(module, attr, scale)
         try:
             loss = local_train(self.model, ctx.x, ctx.y, self.cfg.train, train_snr(self.cfg, ctx),
                                self.run.classifier, ctx.generator("batches"))

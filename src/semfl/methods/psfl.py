@@ -37,7 +37,9 @@ MENTORS = ("gsc-m", "gsc-l", "gsc-h")
 @dataclass
 class PSFLOptions:
     mentor_rule: str = "rank"  # rank: Table I shares by data size (3/9 M, 4/9 L, 2/9 H); thresholds: by size
-    mentor_thresholds: list[int] = field(default_factory=lambda: [4000, 5500])  # size < t0 -> M, < t1 -> L, else H
+    # size < t0 -> M, < t1 -> L, else H; the defaults sit midway between Table I's groups (4429 | 4783,
+    # 5891 | 8958), so they give its 3/4/2 split on its sizes; sizes are samples, so scale them with the data
+    mentor_thresholds: list[int] = field(default_factory=lambda: [4600, 7400])
     mentors: list[str] = field(default_factory=list)  # per-user override, e.g. ["gsc-m", "gsc-h", ...]
     pld: bool = True  # False = ablation "w/o PLD": every user takes GSC-M as mentor
     agp: bool = True  # False = ablation "w/o AGP": no pruning
