@@ -17,7 +17,7 @@ from semfl.compress import (keep_count, stochastic_grid_quantize, svq_bits, svq_
 from semfl.config import ConfigError, load_config
 from semfl.methods.fedsfr import FedSFR, capacity_bits
 from semfl.models import ImageSpec, build_model
-from semfl.models.vqjscc import nearest_codeword, qam_codebook
+from semfl.models.vqjscc import largest_margin, nearest_codeword, qam_codebook
 from semfl.runtime import seeding
 from semfl.runtime.checkpoint import read_jsonl
 from semfl.runtime.run import Runner, build_context
@@ -181,6 +181,31 @@ def test_config_errors_name_the_field(base):
         load_config(None, ["method=fedsfr", "model.arch=vq-jscc", "fedsfr.weighting=median"])
     with pytest.raises(ConfigError, match=r"^fedsfr.public_fraction"):
         load_config(None, ["method=fedsfr", "model.arch=vq-jscc", "fedsfr.public_fraction=0"])
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_every_codeword_is_reachable_below_the_largest_margin_and_the_outer_ring_is_not_at_it(bits):
+    book = qam_codebook(bits)
+    side = torch.linspace(-1, 1, 801)
+    grid = torch.stack(torch.meshgrid(side, side, indexing="ij"), -1).reshape(-1, 2)
+
+    def reachable(margin):  # the codewords some encoder output (1 - margin) max|c| [-1, 1]^2 quantises to
+        return len(nearest_codeword(grid * (1 - margin) * book.abs().max(), book).unique())
+
+    limit = largest_margin(bits)
+    assert limit == pytest.approx(1 / (2 ** (bits / 2) - 1))
+    assert reachable(0.9 * limit) == 2 ** bits
+    assert reachable(0.05) == 2 ** bits  # the default
+    # at the limit the bound sits on the outer decision boundary: the outer ring drops out
+    assert reachable(limit + 1e-4) == 2 ** bits - (4 * 2 ** (bits // 2) - 4)
+
+
+def test_a_margin_that_hides_codewords_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"^fedsfr.margin: must be in \[0, 0.0667\) for 256-QAM.*60 of 256"):
+        load_config(None, ["method=fedsfr", "model.arch=vq-jscc", "fedsfr.margin=0.1"])
+    load_config(None, ["method=fedsfr", "model.arch=vq-jscc", "fedsfr.bits_per_symbol=4", "fedsfr.margin=0.3"])
+    with pytest.raises(ValueError, match="margin 0.2: 64-QAM"):
+        vq_model().configure(6, 0.2)
 
 
 @pytest.mark.parametrize("mode", ["fr", "compressed-fedavg"])

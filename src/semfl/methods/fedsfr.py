@@ -38,7 +38,7 @@ from semfl.config import ConfigError, register_table
 from semfl.methods.base import register_method
 from semfl.methods.common import loss_rows, reply_meta, to_cpu, to_device, train_delta
 from semfl.methods.fedavg import FedAvg
-from semfl.models.vqjscc import nearest_codeword
+from semfl.models.vqjscc import largest_margin, nearest_codeword
 from semfl.runtime import seeding
 from semfl.runtime.local import UserContext
 from semfl.training import RunningAverage, batches, evaluate_semantic, load_weights, make_optimizer, snr_tensor, weights_of
@@ -107,7 +107,9 @@ class FedSFROptions:
     server_lr: float = 0.0  # FR learning rate; 0 = train.lr / 10
     server_batch_size: int = 0  # 0 = train.batch_size
     bits_per_symbol: int = 8  # codebook = 2**b-QAM (the paper: 256-QAM)
-    margin: float = 0.1  # encoder output bound (1 - margin) * max|codeword coordinate|
+    # encoder output bound (1 - margin) * max|codeword coordinate|; must stay below
+    # 1 / (sqrt(M) - 1) (1/15 for 256-QAM), or the outer ring of codewords is unreachable
+    margin: float = 0.05
     usage_weight: float = 0.01  # beta of eq 3 (codeword usage KL)
     measure_fr: bool = False  # evaluate the global model before and after FR each round (fr_gain_db)
     weighting: str = "size"  # aggregation weights of the updates: size (eq 12) | loss-softmax | fedlol
@@ -134,8 +136,15 @@ class FedSFROptions:
         if not 0 < self.lr_decay <= 1 or self.lr_decay_every < 1:
             raise ConfigError(f"fedsfr.lr_decay: must be in (0, 1] with lr_decay_every >= 1, got {self.lr_decay} "
                               f"every {self.lr_decay_every}")
-        if not 0 <= self.margin < 1 or self.usage_weight < 0:
-            raise ConfigError(f"fedsfr.margin: must be in [0, 1) (and usage_weight >= 0), got {self.margin}")
+        if self.usage_weight < 0:
+            raise ConfigError(f"fedsfr.usage_weight: must be >= 0, got {self.usage_weight}")
+        limit = largest_margin(self.bits_per_symbol)
+        if not 0 <= self.margin < limit:
+            raise ConfigError(f"fedsfr.margin: must be in [0, {limit:.4f}) for {2 ** self.bits_per_symbol}-QAM "
+                              f"(bits_per_symbol {self.bits_per_symbol}): at {self.margin} the encoder's bound "
+                              f"(1 - margin) max|c| stops short of the outer codewords' decision boundary, so "
+                              f"{4 * 2 ** (self.bits_per_symbol // 2) - 4} of {2 ** self.bits_per_symbol} codewords "
+                              f"could never be sent")
 
 
 register_table("fedsfr", FedSFROptions)

@@ -34,8 +34,15 @@ def nearest_codeword(v: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return torch.cdist(flat, codebook.to(flat.dtype)).argmin(1).reshape(v.shape[:-1])
 
 
+def largest_margin(bits_per_symbol: int) -> float:
+    """The margin at which the encoder's bound (1 - margin) max|c| reaches the decision boundary of
+    the square M-QAM's outer codewords, 1 / (sqrt(M) - 1): a margin at or above it leaves the outer
+    ring (4 sqrt(M) - 4 codewords) out of the encoder's reach."""
+    return 1 / (2 ** (bits_per_symbol / 2) - 1)
+
+
 class VQJSCC(DeepJSCC):
-    margin = 0.1
+    margin = 0.05  # below largest_margin of 16-, 64- and 256-QAM (1/3, 1/7, 1/15)
     usage_weight = 0.01  # beta of FedSFR eq 3
     soft_sigma = 50.0
 
@@ -49,6 +56,9 @@ class VQJSCC(DeepJSCC):
         book = qam_codebook(bits_per_symbol)  # on the CPU, even when the model is built on the meta device
         self.bits_per_symbol = bits_per_symbol
         self.margin = self.margin if margin is None else margin
+        if not 0 <= self.margin < largest_margin(bits_per_symbol):
+            raise ValueError(f"margin {self.margin}: {2 ** bits_per_symbol}-QAM needs 0 <= margin < "
+                             f"{largest_margin(bits_per_symbol):.4f}, or its outer codewords can never be chosen")
         self.usage_weight = self.usage_weight if usage_weight is None else usage_weight
         self.bound = (1 - self.margin) * float(book.abs().max())
         self.codebook = book.to(self.codebook.device)
