@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import subprocess
 import sys
 
@@ -136,6 +137,13 @@ def test_override_errors():
     (["link.uplink_power_w=0"], "link.uplink_power_w"),
     (["classifier.depth=19"], "classifier.depth"),
     (["device=tpu"], "device"),
+    (["train.weight_decay=-1.0"], "train.weight_decay"),
+    (["classifier.batch_size=0"], "classifier.batch_size"),
+    (["classifier.lr=0.0"], "classifier.lr"),
+    (["train.lr=inf"], "train.lr"),  # passes "> 0", then trains to NaN
+    (["eval.snr_db=nan"], "eval.snr_db"),  # passes every comparison
+    (["eval.snr_sweep=[10.0, nan]"], "eval.snr_sweep"),
+    (["link.snr_max_db=inf"], "link.snr_max_db"),
 ])
 def test_errors_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as info:
@@ -143,6 +151,13 @@ def test_errors_name_the_field(overrides, field):
     message = str(info.value)
     assert message.startswith(field + ":"), message
     assert "\n" not in message
+
+
+def test_infinity_is_accepted_only_where_it_means_something():
+    cfg = load_config(None, ["method=fedcl", "fedcl.downlink_snr_db=inf"])  # inf = a noiseless downlink
+    assert math.isinf(cfg.table("fedcl").downlink_snr_db)
+    with pytest.raises(ConfigError, match=r"^fedcl.downlink_snr_db: must be a number, got nan"):
+        load_config(None, ["method=fedcl", "fedcl.downlink_snr_db=nan"])
 
 
 def test_unknown_key_lists_allowed():

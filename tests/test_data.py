@@ -411,10 +411,12 @@ def test_ways_shots():
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))
 
 
-def test_ways_shots_caps_ways_and_runs_out_clearly():
+def test_ways_shots_caps_the_spread_refuses_too_many_ways_and_runs_out_clearly():
     labels = _labels(600, classes=4)
-    parts = partition(labels, 3, "ways_shots", seed=0, ways=6, shots=5, sigma=1)
-    assert all(len(np.unique(labels[p])) == 4 for p in parts)  # capped at num_classes
+    parts = partition(labels, 3, "ways_shots", seed=0, ways=4, shots=5, sigma=1)
+    assert all(len(np.unique(labels[p])) in (3, 4) for p in parts)  # ways + sigma capped at num_classes
+    with pytest.raises(DataError, match=r"^data.ways: 6 classes per user, but the dataset has 4"):
+        partition(labels, 3, "ways_shots", seed=0, ways=6, shots=5, sigma=1)
     with pytest.raises(DataError, match="ways_shots: user .* lower shots"):
         partition(labels, 50, "ways_shots", seed=0, ways=3, shots=20, sigma=0)
 

@@ -6,6 +6,7 @@ Every field has a default, so an empty file is a valid config. Method-specific t
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -319,10 +320,29 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# the float fields where infinity means something ("inf = noiseless"); NaN is never valid
+INFINITE_OK = ("downlink_snr_db",)
+
+
+def _check_finite(values: dict[str, Any], prefix: str = "") -> None:
+    """Every float in the config (in lists too) is a number, and finite unless INFINITE_OK says
+    otherwise: lr = inf passes "> 0" and a NaN SNR passes every comparison, then poison a whole run."""
+    for key, value in values.items():
+        path = prefix + key
+        if isinstance(value, dict):
+            _check_finite(value, path + ".")
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                _check(not math.isnan(item), f"{path}: must be a number, got nan")
+                _check(key in INFINITE_OK, f"{path}: must be finite, got {item}")
+
+
 def validate(cfg: Config) -> None:
     from semfl.methods import available_methods, get_method  # late: methods register themselves on import
     from semfl.models import available_archs
 
+    _check_finite(cfg.to_dict())
     _check(cfg.method in available_methods(), f"method: unknown method {cfg.method!r} (allowed: {', '.join(available_methods())})")
     _check(cfg.dataset in DATASETS, f"dataset: unknown dataset {cfg.dataset!r} (allowed: {', '.join(DATASETS)})")
     _check(cfg.users >= 1, f"users: must be >= 1, got {cfg.users}")
@@ -353,6 +373,7 @@ def validate(cfg: Config) -> None:
     _check(t.local_epochs >= 1, f"train.local_epochs: must be >= 1, got {t.local_epochs}")
     _check(t.batch_size >= 1, f"train.batch_size: must be >= 1, got {t.batch_size}")
     _check(t.lr > 0, f"train.lr: must be > 0, got {t.lr}")
+    _check(t.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {t.weight_decay}")
     _check(0 <= t.momentum < 1, f"train.momentum: must be in [0, 1), got {t.momentum}")
     _check(t.task_weight >= 0, "train.task_weight: must be >= 0")
     _check(t.grad_clip >= 0, f"train.grad_clip: must be >= 0, got {t.grad_clip}")
@@ -384,6 +405,8 @@ def validate(cfg: Config) -> None:
     c = cfg.classifier
     _check(c.depth in (0, 8, 18, 34, 50, 101), f"classifier.depth: must be one of 0, 8, 18, 34, 50, 101, got {c.depth}")
     _check(c.epochs >= 0, "classifier.epochs: must be >= 0")
+    _check(c.batch_size >= 1, f"classifier.batch_size: must be >= 1, got {c.batch_size}")
+    _check(c.lr > 0, f"classifier.lr: must be > 0, got {c.lr}")
     _check(cfg.device == "cpu" or cfg.device.startswith("cuda"), f"device: expected 'cpu' or 'cuda[:N]', got {cfg.device!r}")
     for name, options in cfg.methods.items():
         check = getattr(options, "validate", None)

@@ -172,7 +172,9 @@ def _ways_shots(labels: np.ndarray, num_users: int, num_classes: int, ways: int,
     if ways < 1 or shots < 1 or sigma < 0:
         raise DataError(f"ways_shots needs ways >= 1, shots >= 1, sigma >= 0; got ways={ways}, "
                         f"shots={shots}, sigma={sigma}")
-    hi_ways = min(ways + sigma, num_classes)
+    if ways > num_classes:
+        raise DataError(f"data.ways: {ways} classes per user, but the dataset has {num_classes}")
+    hi_ways = min(ways + sigma, num_classes)  # sigma may reach past the classes; ways itself may not
     lo_ways = min(max(2, ways - sigma), hi_ways)
     pools = [rng.permutation(np.flatnonzero(labels == k)) for k in range(num_classes)]
     taken = np.zeros(num_classes, dtype=np.int64)
