@@ -17,9 +17,9 @@ SPEC = ImageSpec(1, 28, 28, 10)
 SEEDS = [101, 202, 303]
 
 
-def _setup(kind: str):
+def _setup(kind: str, arch: str = "csc"):
     torch.manual_seed(0)
-    model = build_model("csc", "tiny", SPEC, Channel(kind))
+    model = build_model(arch, "tiny", SPEC, Channel(kind))
     classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)).eval()
     for p in classifier.parameters():
         p.requires_grad_(False)
@@ -39,9 +39,11 @@ def _sequential(model, classifier, data, cfg, snrs, starts):
     return out
 
 
-@pytest.mark.parametrize("kind", ["awgn", "rayleigh"])
-def test_vmap_matches_sequential_local_train(kind):
-    model, classifier, data = _setup(kind)
+# the student (CSC) and the contenders' model (GSC-M, a ViT/MAE)
+@pytest.mark.parametrize("kind, arch", [("awgn", "csc"), ("rayleigh", "csc"), ("awgn", "gsc-m")])
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # CPU attention has no vmap rule
+def test_vmap_matches_sequential_local_train(kind, arch):
+    model, classifier, data = _setup(kind, arch)
     cfg = TrainConfig(batch_size=8, lr=0.05, momentum=0.9, weight_decay=1e-4, task_weight=0.1, local_epochs=2)
     snrs = [0.0, 10.0, 20.0]
     w0 = weights_of(model)

@@ -73,10 +73,8 @@ class _DrawnChannel(nn.Module):
 def _symbols(model: nn.Module, sample: torch.Tensor) -> tuple[int, torch.dtype]:
     """Number of complex channel uses per image and their dtype (one probe forward of one image)."""
     with torch.no_grad():
-        X = model.codec.encode(model.encode(sample[:1])) if hasattr(model, "codec") else None
-    if X is None:  # a generic semantic model: run it and read X
-        with torch.no_grad():
-            X = model(sample[:1], 100.0).X
+        # every built-in model has the sender's half; a generic one is run whole and X read off
+        X = model.transmit_symbols(sample[:1]) if hasattr(model, "transmit_symbols") else model(sample[:1], 100.0).X
     return X.shape[-1], X.dtype
 
 

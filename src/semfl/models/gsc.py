@@ -151,6 +151,14 @@ class GSC(SemanticModel):
         pred = self.forward_decoder(C)
         return torch.sigmoid(unpatchify(pred, self.patch, self.in_chans, self.grid_size))
 
+    def transmit_symbols(self, images: torch.Tensor) -> torch.Tensor:
+        """The sender's half: images -> X, (B, n) complex channel input of unit mean power."""
+        return self.codec.encode(self.semantic_features(images))
+
+    def reconstruct(self, Y: torch.Tensor) -> torch.Tensor:
+        """The receiver's half: (B, n) received complex symbols -> reconstructed images."""
+        return self.semantic_decode(self.codec.decode(Y, self.tokens))
+
     def forward(self, images: torch.Tensor, snr_db: torch.Tensor | float) -> SemanticOutput:
         S = self.semantic_features(images)
         X = self.codec.encode(S)
