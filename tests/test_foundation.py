@@ -65,6 +65,20 @@ def test_foundation_learns_is_cached_and_reloaded(tiny_run):
         foundation.foundation_weights(run, "gsc-m", lambda: build_semantic_model(run, "gsc-m"))
 
 
+def test_foundation_weights_do_not_depend_on_the_callers_random_state(tiny_run):
+    from semfl.runtime import seeding
+
+    cfg, run, tmp = tiny_run
+    trained = []
+    for state in ("round-1-user-0", "round-3-user-2"):  # e.g. which user first needed the mentor
+        foundation._MEMO.clear()
+        for cached in (tmp / "cache").glob("foundation-*"):
+            cached.unlink()
+        seeding.enter(cfg.seed, state)  # moves torch's and Sionna's channel generators
+        trained.append(foundation.foundation_weights(run, "gsc-m", lambda: build_semantic_model(run, "gsc-m")))
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+
+
 def test_psfl_mentors_start_from_the_foundation(tiny_run):
     from semfl.methods.psfl import PSFL
 

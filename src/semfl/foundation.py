@@ -85,6 +85,7 @@ def _key(arch: str, run, options: FoundationOptions, pool: np.ndarray) -> str:
     digest = hashlib.sha256(pool.astype(np.int64).tobytes())
     digest.update(repr((cfg.model.semantic_dim, cfg.model.symbols_per_token, cfg.channel)).encode())
     digest.update(_classifier_digest(run.classifier))
+    digest.update(b"channel-seeded")  # caches from before the channel noise was seeded here are not reused
     return (f"foundation-{cfg.dataset}-{arch}-{cfg.scale}-n{len(pool)}-e{options.epochs}"
             f"-lr{options.lr:g}-b{cfg.train.batch_size}-ce{options.ce_weight:g}"
             f"-snr{cfg.link.snr_min_db:g}_{cfg.link.snr_max_db:g}-s{cfg.seed}-{digest.hexdigest()[:12]}.pt")
@@ -130,7 +131,9 @@ def foundation_weights(run, arch: str, build: Callable[[], torch.nn.Module]) -> 
     path = Path(run_cache_dir(cfg)) / key
     # the run's random streams must not depend on whether the foundation came from the cache
     with preserved_rng(run.device):
-        torch.manual_seed(seeding.derive_seed(cfg.seed, "foundation-init", arch))
+        # torch's generator (initial weights) and Sionna's (the channel noise of pretraining) alike:
+        # the weights must not depend on which user's or process's random state asked for them
+        seeding.enter(cfg.seed, "foundation-init", arch)
         model = build()
         with cache_lock(path):
             state = _load_or_train(run, arch, options, pool, path, model)
