@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +192,20 @@ def test_tiny_sweep_runs_skips_resumes_and_compares(tiny_sweep, tmp_path, monkey
     groups = group_runs(load_runs([out]))
     assert {k: sorted(r.seed for r in v) for k, v in groups.items()} == {"fedavg": [0, 1], "psfl": [0, 1]}
     assert summarise(groups)["psfl"]["final_ssim"]["mean"] == pytest.approx(summary["psfl"]["final_ssim"]["mean"])
+    # a sweep folder and one of its own runs: that run is still one seed
+    again = group_runs(load_runs([out, out / "psfl__s0"]))
+    assert {k: sorted(r.seed for r in v) for k, v in again.items()} == {"fedavg": [0, 1], "psfl": [0, 1]}
+    # the seeds of Flower runs group too: `semfl deploy local` and `flwr run` name them differently
+    flower = tmp_path / "flower"
+    for seed in (0, 1):
+        for name in (f"quickstart-psfl-s{seed}-flower", f"psfl-fashion-mnist-seed{seed}"):
+            shutil.copytree(out / f"psfl__s{seed}", flower / name)
+    named = group_runs(load_runs([flower]))
+    assert {k: sorted(r.seed for r in v) for k, v in named.items()} == {
+        "quickstart-psfl-flower": [0, 1], "psfl-fashion-mnist": [0, 1]}
+    # `semfl report` on a path that holds no run: an error, and no folder or empty report left behind
+    assert main(["report", str(tmp_path / "no-such-run")]) == 2
+    assert not (tmp_path / "no-such-run").exists()
     other = tmp_path / "cmp"
     assert main(["compare", str(out / "psfl__s0"), str(out / "fedavg__s1"), "--out", str(other)]) == 0
     assert (other / "report.html").is_file()

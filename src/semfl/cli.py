@@ -49,7 +49,10 @@ def cmd_data(args) -> int:
 
 def cmd_report(args) -> int:
     from semfl.report import write_run_report
+    from semfl.runtime.run import RunError
 
+    if not (Path(args.run_dir) / "metrics.jsonl").is_file():
+        raise RunError(f"report: {args.run_dir} is not a run directory (it has no metrics.jsonl)")
     path = write_run_report(Path(args.run_dir))
     print(f"report: {path}")
     return 0

@@ -119,19 +119,22 @@ def load_run(path: Path) -> RunData:
 
 def load_runs(dirs: Iterable[str | Path]) -> list[RunData]:
     """Every run directory in ``dirs``; a folder that is not a run contributes its run subfolders."""
-    runs = []
+    found: list[Path] = []
     for d in dirs:
         d = Path(d)
         if _is_run(d):
-            runs.append(load_run(d))
+            found.append(d)
         elif d.is_dir():
-            runs.extend(load_run(sub) for sub in sorted(d.iterdir()) if sub.is_dir() and _is_run(sub))
-    return runs
+            found.extend(sub for sub in sorted(d.iterdir()) if sub.is_dir() and _is_run(sub))
+    # a run named twice (a sweep folder and one of its runs) is one seed, not two
+    unique = {path.resolve(): path for path in reversed(found)}
+    return [load_run(path) for path in found if unique[path.resolve()] is path]
 
 
 def seedless_name(run: RunData) -> str:
-    """The run's name without its seed suffix (``__s0`` from sweeps, ``-s0`` from ``semfl run``)."""
-    name = re.sub(rf"(__|-)s{run.seed}$", "", run.name)
+    """The run's name without its seed: ``__s0`` from sweeps, ``-s0`` from ``semfl run``, ``-s0-flower``
+    from ``semfl deploy local`` (-> ``-flower``) and ``-seed0`` from ``flwr run``."""
+    name = re.sub(rf"(__|-)(s|seed){run.seed}(?=$|-)", "", run.name)
     return name or run.name
 
 

@@ -1,9 +1,9 @@
 """A Flower Grid that delivers messages to a ClientApp in this process: no Ray, no servers.
 
 It runs the real Flower adapter (the generic ServerApp loop, the generic ClientApp, Flower
-messages and records through Flower's protobuf serialisation) in one process, which is what the
-tests use and what `semfl run --transport flower-loopback` offers for debugging a method over the
-adapter. Nodes can be marked dead to exercise the fault path.
+messages and records through Flower's protobuf serialisation) in one process: the tests use it to
+check every method over the adapter without servers. Nodes can be marked dead to exercise the fault
+path.
 """
 from __future__ import annotations
 
