@@ -1,9 +1,14 @@
 """DeepJSCC (Bourtsoulatze et al. 2019): a conv encoder whose output is the channel input.
 
-Encoder: conv5x5 16/s2, 32/s2, 32, 32 (PReLU) gives S on the shared token grid; the last conv
+Encoder: conv5x5 a/s2, b/s2, b, semantic_dim (PReLU) gives S on the shared token grid; the last conv
 gives 2 * symbols_per_token reals per position, power-normalised per image into X.
 Decoder mirrors it with transposed convs and a sigmoid; its first layer's output is C.
-Widths scale with the preset; channel counts follow the paper at `cpu`.
+
+At `cpu` (a, b) = (16, 32), the paper's first three layers. Two choices differ from the paper's
+16/s2, 32/s2, 32, 32, c: the fourth layer is semantic_dim wide (64 at `cpu`), because every model
+shares one token width, and the symbol layer has no PReLU (power normalisation follows it). With
+the `cpu` default of 4 symbols per token, 32x32x3 images get k/n = 1/12, not the paper's 1/6
+(``model.symbols_per_token = 8`` gives 1/6); 28x28 images get 196 symbols for 784 pixels.
 """
 from __future__ import annotations
 
