@@ -106,7 +106,7 @@ class FineFed(FedAvg):
 
     def __init__(self, run, transport):
         super().__init__(run, transport)
-        if not hasattr(self.model, "transmit_symbols"):
+        if not hasattr(self.model, "sender_prefixes"):  # which parameters are whose half
             raise ConfigError(f"model.arch: finefed splits the model into a sender and a receiver half, which "
                               f"{self.cfg.model.arch!r} does not offer (use jscc or csc)")
         self.options = self.cfg.table("finefed")
