@@ -126,9 +126,12 @@ def load_runs(dirs: Iterable[str | Path]) -> list[RunData]:
             found.append(d)
         elif d.is_dir():
             found.extend(sub for sub in sorted(d.iterdir()) if sub.is_dir() and _is_run(sub))
-    # a run named twice (a sweep folder and one of its runs) is one seed, not two
-    unique = {path.resolve(): path for path in reversed(found)}
-    return [load_run(path) for path in found if unique[path.resolve()] is path]
+    runs, seen = [], set()
+    for path in found:  # a run named twice (a sweep folder and one of its runs) is one seed, not two
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            runs.append(load_run(path))
+    return runs
 
 
 def seedless_name(run: RunData) -> str:
