@@ -248,6 +248,11 @@ def test_bench_quick_smoke(fmnist_root, tmp_path):
     assert compute["flops_per_step"] > 0 and compute["step_s"] > 0 and 0 < compute["conv_time_share"] < 1
     assert compute["gflops"] == pytest.approx(compute["flops_per_step"] / compute["step_s"] / 1e9)
     assert "Compute of one local step" in (out / "bench-cpu-quick.md").read_text()
+    batching = compute["user_batching"]
+    assert [(r["users"], r["batch_size"]) for r in batching] == [(1, 32), (3, 96)]
+    assert batching[0]["speedup_per_sample"] == 1.0
+    assert batching[1]["per_batch_s"] == pytest.approx(batching[1]["step_s"] / 3)
+    assert "several users' batches at once" in (out / "bench-cpu-quick.md").read_text()
     assert main(["bench", "--only", "nonsense"]) == 2
 
 

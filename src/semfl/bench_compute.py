@@ -108,6 +108,7 @@ def compute_profile(cfg, run, user_data, steps: int = 10, blocks: int = 5, varia
            "flops_per_step": flops, "step_s": step_s, "gflops": achieved,
            "conv_time_share": conv / total if total else None, "gemm_size": GEMM_SIZE,
            "gemm_gflops": gemm, "fraction_of_gemm": achieved / gemm, "threads": torch.get_num_threads()}
+    out["user_batching"] = user_batching(cfg, run, user_data, snr, steps=max(2, steps // 2), blocks=3)
     if variants:
         out["variants"] = {}
         for name, kwargs in (("channels_last", {"memory_format": torch.channels_last}), ("torch.compile", {"compiled": True})):
@@ -116,6 +117,33 @@ def compute_profile(cfg, run, user_data, steps: int = 10, blocks: int = 5, varia
             out["variants"][name] = {"step_s": variant_s, "speedup": step_s / variant_s,
                                      "with_warmup_s": time.perf_counter() - tic}
     return out
+
+
+def user_batching(cfg, run, user_data, snr: float, steps: int, blocks: int) -> list[dict]:
+    """The step on the first batches of k users concatenated into one batch of k·B, for k = 1, 3
+    and every user, as time per B samples.
+
+    This is the best case for any engine that trains users together (vmap turns their different
+    weights into grouped convolutions, which cannot beat one model on the same images): how much
+    faster per sample the same work gets when the kernels see a larger batch."""
+    import torch
+
+    from semfl.methods.common import build_semantic_model
+    from semfl.training import make_optimizer
+
+    batch = cfg.train.batch_size
+    rows = []
+    for k in sorted({1, min(3, len(user_data)), len(user_data)}):
+        images = torch.cat([user_data[u][0][:batch] for u in range(k)])
+        labels = torch.cat([user_data[u][1][:batch] for u in range(k)])
+        model = build_semantic_model(run, cfg.model.arch)
+        model.train()
+        opt = make_optimizer(model.parameters(), cfg.train)
+        step_s = _median_step_s(lambda: local_step(model, opt, images, labels, snr, cfg, run), run.device, steps, blocks)
+        rows.append({"users": k, "batch_size": len(images), "step_s": step_s, "per_batch_s": step_s * batch / len(images)})
+    for row in rows:
+        row["speedup_per_sample"] = rows[0]["per_batch_s"] / row["per_batch_s"]
+    return rows
 
 
 def five_x_requirement(compute: dict, flower_point: dict) -> dict:
@@ -150,6 +178,11 @@ def markdown_lines(result: dict) -> list[str]:
     if c.get("variants"):
         lines += ["The same step made faster without changing its arithmetic: " + "; ".join(
             f"{name} {v['step_s'] * 1e3:.1f} ms (**{v['speedup']:.2f}×**)" for name, v in c["variants"].items()) + ".", ""]
+    if c.get("user_batching"):
+        lines += table("One step on several users' batches at once (the best case for training users together)",
+                       ["users", "batch", "step (ms)", f"time per {c['batch_size']} samples (ms)", "**speed-up per sample**"],
+                       [f"| {r['users']} | {r['batch_size']} | {r['step_s'] * 1e3:.1f} | {r['per_batch_s'] * 1e3:.1f} | "
+                        f"**{r['speedup_per_sample']:.2f}×** |" for r in c["user_batching"]]) + [""]
     points = (result.get("flower") or {}).get("points") or []
     single = [p for p in points if p.get("cores", 1) == 1 and p.get("batches_per_user", 0) >= 8]
     if single:
@@ -160,6 +193,9 @@ def markdown_lines(result: dict) -> list[str]:
                   f"{need['semfl_alone_fraction_of_gemm']:.0%} of the GEMM rate)"
                   + (f", or ≤ {need['both_step_s'] * 1e3:.1f} ms if Flower's clients got the same faster step "
                      f"({need['both_speedup_needed']:.2f}×, {need['both_fraction_of_gemm']:.0%} of the GEMM rate)"
-                     if "both_step_s" in need else "") + ".", ""]
+                     if "both_step_s" in need else "") + "."
+                  + (f" Training all {c['user_batching'][-1]['users']} users as one batch would make a step at best "
+                     f"{c['user_batching'][-1]['speedup_per_sample']:.2f}× faster per sample (the table above)."
+                     if c.get("user_batching") else ""), ""]
     return lines
 
