@@ -169,6 +169,19 @@ def test_no_node_answering_stops_the_run(flower_overrides, tmp_path):
         FlowerTransport.send = original
 
 
+def test_every_node_failing_names_the_users_and_the_cause(flower_overrides, tmp_path):
+    """A deterministic failure (every node's data-root is wrong) must surface in the error, not
+    only in the log, and resuming alone is not offered as the cure."""
+    from semfl.runtime.run import RunError
+
+    overrides = flower_overrides + ["method=fedavg"]
+    cfg = load_config(None, overrides)
+    grid = LoopbackGrid(CLIENT_APP, [{"user": k, "data-root": str(tmp_path / "missing")} for k in range(cfg.users)])
+    with pytest.raises(RunError, match=r"no user answered.*user 0's node failed on 'train': DataError") as err:
+        run_flower(overrides, tmp_path / "run", grid=grid)
+    assert "Fix that, then continue the run with --resume" in str(err.value)
+
+
 def test_missing_node_at_start_is_named(flower_overrides, tmp_path):
     overrides = flower_overrides + ["method=fedavg", "engine.connect_timeout_s=0.5"]
     grid = LoopbackGrid(CLIENT_APP, [{"user": 0}, {"user": 2}])
@@ -225,6 +238,17 @@ def test_state_store_restarts_a_round_from_the_previous_one(tmp_path):
     store.save(4, {"v": 4})
     assert sorted(p.name for p in (tmp_path / "u0").iterdir()) == ["round-3.pt", "round-4.pt"]
     assert store.latest(3) == {"v": 3}
+
+
+def test_state_store_keeps_a_skipping_users_last_state(tmp_path):
+    """A user absent from rounds 2-3 (participation < 1) trains again in round 4; the base station
+    crashes in round 4 and resumes it: the redone round must start from round 1's state again."""
+    store = UserStateStore(tmp_path / "u2")
+    store.save(1, {"mentor": "trained in round 1"})
+    assert store.load(4, 0) == {"mentor": "trained in round 1"}
+    store.save(4, {"mentor": "trained in round 4"})
+    assert sorted(p.name for p in (tmp_path / "u2").iterdir()) == ["round-1.pt", "round-4.pt"]
+    assert store.load(4, 0) == {"mentor": "trained in round 1"}  # the resumed attempt
 
 
 def test_run_config_resolution(tmp_path):

@@ -200,6 +200,9 @@ def test_missing_participant_raises():
 def test_overflow_is_reported():
     with pytest.raises(OverflowError, match="frac_bits"):
         mask_update({"w": torch.tensor([1e12])}, 0, [0, 1], round_seed=0, frac_bits=24)
+    for bad in (float("nan"), float("inf")):  # NaN compares False with any limit: checked on its own
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            mask_update({"w": torch.tensor([bad, 1.0])}, 0, [0, 1], round_seed=0, frac_bits=24)
 
 
 def test_weighted_average_equals_plain_weighted_average():

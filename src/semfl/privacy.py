@@ -14,7 +14,12 @@ Accounting (:class:`PrivacyAccountant`, which wraps ``dp_accounting``'s RDP acco
 released object is the per-round aggregate; neighbouring = add/remove one user (contribution
 ≤ C). Both modes are accounted with the noise multiplier z: exact for 'distributed', an upper
 bound for 'local' (its aggregate has z·√m). ``sampling_prob`` is the per-round probability that
-a user takes part (1.0 when every user joins every round, as in PSFL). The accounting is for the
+a user takes part under *Poisson* sampling. semfl's runs draw a fixed number of participants
+(``train.participation``), which is not Poisson sampling, so PSFL accounts every round with
+q = 1: since the draw does not depend on the data, each round is then bounded by the Gaussian
+mechanism itself, and no amplification by sampling is claimed. ε covers the privatised update
+only; under DP a PSFL user's reply therefore carries nothing else about its data (no training
+losses, no test metrics, no update norm). The accounting is for the
 *unweighted* sum Σ_k clip(Δ_k) + noise; dividing by the public number of participants is
 post-processing. Data-size weights N_k/ΣN are data-dependent: use uniform weights with DP.
 
@@ -199,6 +204,8 @@ def mask_update(update: Update, user: int, participants: list[int], round_seed: 
     flat = torch.cat([update[k].detach().reshape(-1).cpu().double() for k in keys])
     fixed = torch.round(flat * 2.0**frac_bits)
     limit = (2**63 - 1) // len(parts)  # the true sum must fit in int64
+    if flat.numel() and not torch.isfinite(flat).all():
+        raise ValueError(f"user {user}'s update has a NaN or infinite value: it cannot be masked")
     if flat.numel() and float(fixed.abs().max()) > limit:
         raise OverflowError(f"update value too large for frac_bits={frac_bits} with {len(parts)} users "
                             f"(|x| must be below {limit / 2.0**frac_bits:.3g})")

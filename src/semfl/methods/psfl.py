@@ -119,8 +119,9 @@ class PSFL(Method):
         self.user_rows: dict[int, dict] = {}
         self.accountant = None
         if self.options.dp:
-            q = self.cfg.train.participation
-            self.accountant = PrivacyAccountant(self.options.dp_noise_multiplier, self.options.dp_delta, q)
+            # participants are a fixed-size draw (runtime.run.participants), not Poisson sampling, so
+            # no amplification by sampling is claimed: q = 1 bounds every round (privacy.py's doc)
+            self.accountant = PrivacyAccountant(self.options.dp_noise_multiplier, self.options.dp_delta, 1.0)
         run.log("mentors: " + ", ".join(f"u{k}={m}" for k, m in enumerate(self.mentor_of)))
         if getattr(transport, "workers", 1) > 1 and self.cfg.table("foundation").samples:
             # loaded (or pretrained) once here, where forked workers inherit them, not once per worker
@@ -169,7 +170,11 @@ class PSFL(Method):
             ctx.state["mentor_opt"] = stats.pop("mentor_opt_state")
         stats.pop("mentor_opt_state", None)
         meta = {"num_samples": ctx.num_samples, **{k: float(v) for k, v in stats.items()}}
-        if payload.meta.get("evaluate"):
+        if self.options.dp:
+            # ε covers the privatised update only: training losses, test metrics of models trained on
+            # the user's data and the update's norm would be releases it does not account for
+            meta = {"num_samples": ctx.num_samples}
+        elif payload.meta.get("evaluate"):
             n = self.options.user_eval_samples or len(self.run.test_y)
             tx, ty = self.run.test_x[:n], self.run.test_y[:n]
             for role, model in (("mentor", mentor), ("student", self.student)):
@@ -184,9 +189,8 @@ class PSFL(Method):
         o = self.options
         if o.dp:
             dp = DPConfig(enabled=True, clip_norm=o.dp_clip_norm, noise_multiplier=o.dp_noise_multiplier, delta=o.dp_delta)
-            update, norm = privatize(update, dp, len(self.run.parts), ctx.generator("dp"))
+            update, _ = privatize(update, dp, len(self.run.parts), ctx.generator("dp"))
             update = pruning.apply(update, masks)  # the mask is public: noise off the support carries nothing
-            meta["update_norm"] = norm
         if o.secure_aggregation:  # the request names the round's participants and their data total
             participants = [int(u) for u in request_meta["participants"]]
             scaled = {k: v * (ctx.num_samples / request_meta["participant_samples"]) for k, v in update.items()}

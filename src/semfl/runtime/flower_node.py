@@ -86,9 +86,11 @@ class UserStateStore:
         tmp = self.folder / f".round-{round_}.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self._path(round_))
-        for r in self._rounds():
-            if r < round_ - 1:
-                self._path(r).unlink(missing_ok=True)
+        # keep the newest state before this round: a resumed round_ starts again from it, and a
+        # user who skipped rounds (participation < 1) may have last saved long before round_ - 1
+        older = [r for r in self._rounds() if r < round_]
+        for r in older[:-1]:
+            self._path(r).unlink(missing_ok=True)
 
 
 class NodeTransport:

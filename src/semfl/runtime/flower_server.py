@@ -36,6 +36,7 @@ class FlowerTransport(LinkCharging):
         self.round = 0
         self.on_user_done = None
         self.missing: dict[int, list[int]] = {}  # round -> users that did not answer
+        self.errors: dict[int, list[str]] = {}  # round -> the failed nodes' reasons, naming the user
         self._seq: dict[tuple[int, int], int] = {}
         self.node_of = self._discover()
 
@@ -82,7 +83,11 @@ class FlowerTransport(LinkCharging):
         replies: dict[int, Payload] = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
             if reply.has_error():
-                self.log(f"flower: a user's node failed on {kind!r}: {reply.error.reason}")
+                users = [u for u, n in self.node_of.items() if n == reply.metadata.src_node_id]
+                who = f"user {users[0]}'s node" if users else f"node {reply.metadata.src_node_id}"
+                reason = f"{who} failed on {kind!r}: {reply.error.reason}"
+                self.errors.setdefault(self.round, []).append(reason)
+                self.log(f"flower: {reason}")
                 continue
             payload, header = record_to_payload(reply.content)
             replies[header["user"]] = payload
@@ -121,7 +126,10 @@ class FlowerTransport(LinkCharging):
         return unflatten_state(replies[user].tensors)
 
     def round_info(self, round_: int) -> dict[str, Any]:
-        return {"missing_users": sorted(set(self.missing.get(round_, [])))}
+        info = {"missing_users": sorted(set(self.missing.get(round_, [])))}
+        if self.errors.get(round_):
+            info["node_errors"] = list(self.errors[round_])
+        return info
 
     def state_dict(self) -> dict:
         return {}  # users' states live on their nodes

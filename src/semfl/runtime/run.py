@@ -169,8 +169,11 @@ class Runner:
                     info = transport.round_info(round_) if hasattr(transport, "round_info") else {}
                     missing = set(info.get("missing_users", []))
                     if missing and missing >= set(users):
-                        raise RunError(f"round {round_}: no user answered (users {sorted(missing)} missing); "
-                                       "the run stopped here: continue it with --resume") from None
+                        errors = info.get("node_errors", [])
+                        cause = ("; the nodes said: " + " | ".join(errors[:3]) + (" | …" if len(errors) > 3 else "")
+                                 + ". Fix that, then continue the run with --resume") if errors else \
+                            ": the run stopped here: continue it with --resume once the nodes are back"
+                        raise RunError(f"round {round_}: no user answered (users {sorted(missing)} missing){cause}") from None
                     raise
                 if hasattr(transport, "round_info"):
                     info.update(transport.round_info(round_))
