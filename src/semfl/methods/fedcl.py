@@ -27,7 +27,11 @@ the message rather than after mini-batch j-1's step.
 
 Downlink noise. The gradients cross the downlink as analogue values: each mini-batch's gradient
 matrix g gets i.i.d. Gaussian noise of variance mean(g^2) / 10^(downlink_snr_db / 10)
-(`fedcl.downlink_snr_db`, inf = noiseless); the link is charged 32 bits per gradient entry.
+(`fedcl.downlink_snr_db`, inf = noiseless); the link is charged 32 bits per gradient entry. The
+noise of a gradients message is drawn from its own generator, seeded by (run seed, round, user,
+"downlink", message index) and drawn on the CPU, never from the global RNG: its draws do not depend
+on what the user handlers (which run in the same process with the local transport, in other
+processes on a Flower deployment) did to the global generator, nor on the device.
 Back-propagation through the channel uses the channel realisation of the uplink (the identity
 Jacobian for AWGN; for Rayleigh the base station's channel estimate that it equalises with).
 
@@ -54,12 +58,25 @@ from semfl.runtime.local import UserContext
 from semfl.training import RunningAverage, batches, make_optimizer
 
 
-def downlink_noise(g: torch.Tensor, snr_db: float) -> torch.Tensor:
-    """g + N(0, mean(g^2) / 10^(snr/10)) per entry; g unchanged for an infinite SNR."""
-    if math.isinf(snr_db) and snr_db > 0:
+def downlink_noise(g: torch.Tensor, snr_db: float, generator: torch.Generator) -> torch.Tensor:
+    """g + N(0, mean(g^2) / 10^(snr/10)) per entry, the noise drawn from ``generator`` (a CPU
+    generator); g unchanged for an infinite SNR (+inf; -inf and NaN are config errors)."""
+    if snr_db == math.inf:
         return g
     std = (g.pow(2).mean() / 10 ** (snr_db / 10)).sqrt()
-    return g + std * torch.randn_like(g)
+    noise = torch.randn(g.shape, generator=generator, dtype=g.dtype, device=generator.device)
+    return g + std * noise.to(g.device)
+
+
+def downlink_generator(seed: int, round_: int, user: int, message: int) -> torch.Generator:
+    """The generator of the downlink noise of gradients message ``message`` (0, 1, ...) of a user's round."""
+    return seeding.generator(seed, round_, user, "downlink", message)
+
+
+def local_centroids(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq 7: the class means of the received features from per-class sums (..., C, d) and counts
+    (..., C); returns (means, present = counts > 0). Absent classes get zero vectors."""
+    return sums / counts.clamp_min(1).unsqueeze(-1), counts > 0
 
 
 def batch_sizes(num_samples: int, batch_size: int, epochs: int) -> list[int]:
@@ -170,8 +187,10 @@ class FedCL(Method):
         ctx.state["encoder"] = float_state(encoder)
 
     # ---------------------------------------------------------------- base station
-    def server_batches(self, features, labels, sizes, opt, sums, counts) -> tuple[torch.Tensor, list[float]]:
-        """SGD on the head, one mini-batch at a time in order; returns d loss / d f_hat per mini-batch."""
+    def server_batches(self, features, labels, sizes, opt, sums, counts,
+                       generator: torch.Generator) -> tuple[torch.Tensor, list[float]]:
+        """SGD on the head, one mini-batch at a time in order; returns d loss / d f_hat per mini-batch,
+        with the downlink noise drawn from ``generator`` (one per message, see `downlink_generator`)."""
         self.head.train()
         out, losses = [], []
         present = torch.ones(len(self.centroids), dtype=torch.bool, device=features.device)
@@ -181,18 +200,18 @@ class FedCL(Method):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            out.append(downlink_noise(f.grad.detach(), self.options.downlink_snr_db))
+            out.append(downlink_noise(f.grad.detach(), self.options.downlink_snr_db, generator))
             losses.append(float(loss.detach()) * len(y))
             sums.index_add_(0, y, f.detach())
             counts += torch.bincount(y, minlength=len(counts)).to(counts.dtype)
         return torch.cat(out), losses
 
-    def train_user(self, user: int, sums: torch.Tensor, counts: torch.Tensor) -> float:
-        """All messages with one user; leaves its updated head phi_k in the working head."""
+    def train_user(self, user: int, sums: torch.Tensor, counts: torch.Tensor, round_: int) -> float | None:
+        """All messages with one user in round ``round_``; leaves its updated head phi_k in the working head."""
         load_float_state(self.head, self.global_head)
         opt = make_optimizer(self.head.parameters(), self.cfg.train, lr=self.options.head_lr or self.cfg.train.lr)
         sizes = batch_sizes(self.run.user_sizes[user], self.cfg.train.batch_size, self.cfg.train.local_epochs)
-        request, total, n = Payload(), 0.0, 0
+        request, total, n, message = Payload(), 0.0, 0, 0
         while True:
             reply = self.transport.send([user], "step", request).get(user)
             if reply is None:  # the user dropped out (Flower): its partial head and centroids are discarded
@@ -203,8 +222,9 @@ class FedCL(Method):
             take = []
             while sum(take) < len(labels):
                 take.append(sizes.pop(0))
-            grads, losses = self.server_batches(reply.tensors["features"], labels, take, opt, sums, counts)
-            total, n = total + sum(losses), n + len(labels)
+            grads, losses = self.server_batches(reply.tensors["features"], labels, take, opt, sums, counts,
+                                                downlink_generator(self.cfg.seed, round_, user, message))
+            total, n, message = total + sum(losses), n + len(labels), message + 1
             request = Payload({"gradients": grads.float()}, codec="dense")
 
     def run_round(self, round_: int, users: list[int]) -> dict[str, Any]:
@@ -214,7 +234,7 @@ class FedCL(Method):
         average = RunningAverage()
         user_rows = []
         for i, user in enumerate(users):
-            loss = self.train_user(user, sums[i], counts[i])
+            loss = self.train_user(user, sums[i], counts[i], round_)
             if loss is None:
                 sums[i].zero_()
                 counts[i].zero_()
@@ -222,7 +242,7 @@ class FedCL(Method):
             average.add(float_state(self.head), self.run.user_sizes[user])  # eq 5 weights D_k / D
             user_rows.append({"user": user, "train_loss": loss, "encoder": self.encoder_of[user]})
         self.global_head = average.result(self.global_head)
-        scg_value = self.update_scg(sums / counts.clamp_min(1).unsqueeze(-1), counts > 0)
+        scg_value = self.update_scg(*local_centroids(sums, counts))
         return {"user_rows": user_rows, "train_loss": sum(r["train_loss"] for r in user_rows) / max(len(user_rows), 1),
                 "scg_loss": scg_value, "centroid_norm": float(self.centroids.norm(dim=1).mean())}
 

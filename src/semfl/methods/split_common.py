@@ -6,6 +6,7 @@ its own ``[fedproto]`` table for its options; fedavg-split uses ``fedcl.encoder`
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,13 @@ class FedCLOptions:
     # protocol); all: on the whole test subset
 
     def validate(self, cfg) -> None:
-        bad = [e for e in self.encoders + [self.encoder] if e not in ENCODERS]
+        """Each error names exactly the offending field."""
+        allowed = ", ".join(ENCODERS)
+        bad = [e for e in self.encoders if e not in ENCODERS]
         if bad:
-            raise ConfigError(f"fedcl.encoders: unknown encoder {bad[0]!r} (allowed: {', '.join(ENCODERS)})")
+            raise ConfigError(f"fedcl.encoders: unknown encoder {bad[0]!r} (allowed: {allowed})")
+        if self.encoder not in ENCODERS:
+            raise ConfigError(f"fedcl.encoder: unknown encoder {self.encoder!r} (allowed: {allowed})")
         if self.encoders and len(self.encoders) != cfg.users:
             raise ConfigError(f"fedcl.encoders: needs one encoder per user ({cfg.users}), got {len(self.encoders)}")
         if self.encoder_rule not in ("rank", "same"):
@@ -57,22 +62,32 @@ class FedCLOptions:
                               "every user (set fedcl.encoder instead)")
         if self.user_lrs and len(self.user_lrs) != cfg.users:
             raise ConfigError(f"fedcl.user_lrs: needs one learning rate per user ({cfg.users}), got {len(self.user_lrs)}")
-        if any(lr <= 0 for lr in self.user_lrs) or self.head_lr < 0:
-            raise ConfigError("fedcl.user_lrs: learning rates must be > 0")
+        if any(lr <= 0 for lr in self.user_lrs):
+            raise ConfigError(f"fedcl.user_lrs: learning rates must be > 0, got {self.user_lrs}")
+        if self.head_lr < 0:
+            raise ConfigError(f"fedcl.head_lr: must be >= 0 (0 = train.lr), got {self.head_lr}")
         if self.centroid_norm < 0:
             raise ConfigError(f"fedcl.centroid_norm: must be >= 0, got {self.centroid_norm}")
         if self.lam < 0:
             raise ConfigError(f"fedcl.lam: must be >= 0, got {self.lam}")
         if self.batches_per_message < 1:
             raise ConfigError(f"fedcl.batches_per_message: must be >= 1, got {self.batches_per_message}")
+        # config.py lets both infinities through (INFINITE_OK); only +inf means something (noiseless)
+        if math.isnan(self.downlink_snr_db) or self.downlink_snr_db == -math.inf:
+            raise ConfigError(f"fedcl.downlink_snr_db: must be a number or inf (noiseless), got {self.downlink_snr_db}")
         if self.scg_input not in ("random", "learned", "onehot"):
             raise ConfigError(f"fedcl.scg_input: expected random, learned or onehot, got {self.scg_input!r}")
-        if self.scg_steps < 0 or self.scg_lr <= 0:
-            raise ConfigError("fedcl.scg_steps: must be >= 0 (and fedcl.scg_lr > 0)")
+        if self.scg_steps < 0:
+            raise ConfigError(f"fedcl.scg_steps: must be >= 0, got {self.scg_steps}")
+        if self.scg_lr <= 0:
+            raise ConfigError(f"fedcl.scg_lr: must be > 0, got {self.scg_lr}")
         if self.eval_classes not in ("local", "all"):
             raise ConfigError(f"fedcl.eval_classes: expected 'local' or 'all', got {self.eval_classes!r}")
-        if self.head_hidden < 1 or self.scg_hidden < 1 or self.feature_samples < 0:
-            raise ConfigError("fedcl.head_hidden: sizes must be positive")
+        for name in ("head_hidden", "scg_hidden"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"fedcl.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.feature_samples < 0:
+            raise ConfigError(f"fedcl.feature_samples: must be >= 0, got {self.feature_samples}")
 
 
 register_table("fedcl", FedCLOptions)
