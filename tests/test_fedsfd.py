@@ -84,6 +84,13 @@ def test_config_errors_name_the_field(base):
         load_config(None, ["method=fedsfd", "model.arch=vq-jscc", "fedsfd.pairs=0"])
     with pytest.raises(ConfigError, match=r"^fedsfd.server_width"):
         load_config(None, ["method=fedsfd", "model.arch=vq-jscc", "fedsfd.server_width=0"])
+    # 0 epochs would broadcast the untrained base-station middle's outputs as distillation targets
+    for epochs in (0, -1):
+        with pytest.raises(ConfigError, match=r"^fedsfd.server_epochs: must be >= 1"):
+            load_config(None, ["method=fedsfd", "model.arch=vq-jscc", f"fedsfd.server_epochs={epochs}"])
+    assert load_config(None, ["method=fedsfd", "model.arch=vq-jscc", "fedsfd.server_epochs=1"]).table("fedsfd").server_epochs == 1
+    with pytest.raises(ConfigError, match=r"^fedsfd.distill_epochs"):
+        load_config(None, ["method=fedsfd", "model.arch=vq-jscc", "fedsfd.distill_epochs=-1"])
 
 
 def test_a_run_learns_and_resumes_to_the_same_metrics(base, monkeypatch):

@@ -16,6 +16,7 @@ from semfl.runtime import seeding
 from semfl.runtime.checkpoint import read_jsonl
 from semfl.runtime.local import LocalTransport
 from semfl.runtime.run import Runner, build_context
+from semfl.metrics import psnr_per_image
 from semfl.training import load_weights, snr_tensor
 
 
@@ -75,17 +76,37 @@ def shard(x, k):
     return x[k::2]  # each user has two receivers: interleaved shards 0 and 1
 
 
+def perturb_decoders(method, transport, receivers, scale=0.05):
+    """Give each receiver its own decoder D_j (federated + seeded noise, different per j)."""
+    for j in receivers:
+        gen = torch.Generator().manual_seed(100 + j)
+        transport.states[j]["receiver"] = {k: v + scale * torch.randn(v.shape, generator=gen)
+                                           for k, v in transport.states[j]["receiver"].items()}
+
+
 def test_encoder_phase_is_one_adam_step_on_the_summed_pair_losses(base):
     overrides, _ = base
     cfg, run, user_data, method, transport = make_method(overrides + EXACT)
     sender = 0
-    method.encoder_phase(sender, method.receivers[sender])
+    receivers = method.receivers[sender]
+    assert receivers == [1, 2]
+    # every receiver has its own decoder (as after a decoder phase): each pair's gradient must come
+    # from that receiver's D_j, not from the federated decoder or another receiver's
+    perturb_decoders(method, transport, receivers)
+    decoders = {j: {k: v.clone() for k, v in transport.states[j]["receiver"].items()} for j in receivers}
+    method.encoder_phase(sender, receivers)
 
     reference = build_semantic_model(run, "jscc")
-    load_weights(reference, method.global_weights)  # every receiver still holds the federated decoder
+    load_weights(reference, method.global_weights)
     params = [p for n, p in reference.named_parameters() if n.startswith(reference.sender_prefixes)]
+    receiving = {}
+    for j in receivers:
+        receiving[j] = build_semantic_model(run, "jscc")
+        load_weights(receiving[j], {**method.global_weights, **decoders[j]})
+        receiving[j].requires_grad_(False)
     x = user_data[sender][0]
-    loss = sum(F.mse_loss(reference.reconstruct(reference.transmit_symbols(shard(x, k))), shard(x, k)) for k in (0, 1))
+    loss = sum(F.mse_loss(receiving[j].reconstruct(reference.transmit_symbols(shard(x, k))), shard(x, k))
+               for k, j in enumerate(receivers))
     opt = torch.optim.Adam(params, lr=1e-3)
     loss.backward()
     opt.step()
@@ -94,7 +115,11 @@ def test_encoder_phase_is_one_adam_step_on_the_summed_pair_losses(base):
         if name.startswith(reference.sender_prefixes):
             torch.testing.assert_close(got[name], p.detach(), rtol=1e-5, atol=1e-7)
             assert not torch.equal(got[name], method.global_weights[name])  # it did move
-    assert transport.states[1]["receiver"].keys() == {n for n in method.global_weights if n.startswith(reference.receiver_prefixes)}
+    for j in receivers:  # the receivers' decoders stay fixed in the encoder phase
+        assert transport.states[j]["receiver"].keys() == {n for n in method.global_weights
+                                                          if n.startswith(reference.receiver_prefixes)}
+        for k, v in decoders[j].items():
+            assert torch.equal(transport.states[j]["receiver"][k], v)
 
 
 def test_decoder_phase_is_one_adam_step_on_the_union_of_its_senders(base):
@@ -152,6 +177,12 @@ def test_config_errors_name_the_field(base):
         load_config(None, ["method=finefed", "users=1"])
     with pytest.raises(ConfigError, match=r"^finefed.fedavg_rounds"):
         load_config(None, ["method=finefed", "rounds=3", "finefed.fedavg_rounds=4"])
+    with pytest.raises(ConfigError, match=r"^finefed.receivers: must be at most users - 1 \(2"):
+        load_config(None, ["method=finefed", "users=3", "finefed.receivers=3"])  # was silently clipped to 2
+    with pytest.raises(ConfigError, match=r"^finefed.receivers"):
+        load_config(None, ["method=finefed", "users=3", "finefed.receivers=0"])
+    assert load_config(None, ["method=finefed", "users=3", "finefed.receivers=2"]).table("finefed").receivers == 2
+    load_config(None, ["method=fedavg", "users=2"])  # the finefed table's default only binds finefed runs
     with pytest.raises(ConfigError, match=r"^finefed.batches_per_message"):
         load_config(None, ["method=finefed", "finefed.batches_per_message=0"])
     with pytest.raises(ConfigError, match=r"^train.precision"):
@@ -199,3 +230,72 @@ def test_a_pair_without_samples_is_skipped(base):
     empty = method.receivers[1][1]
     assert method.encoder_phase(1, method.receivers[1]) is not None
     assert method.decoder_phase(empty, [1]) is None  # nothing to fine-tune on from this sender
+
+
+# an evaluation channel this clean is deterministic: the reconstructions can be recomputed by hand
+EVAL_EXACT = ["eval.snr_db=300", "eval.batch_size=32"]  # 100 test images: batches of 32, 32, 32 and 4
+
+
+def hand_psnrs(run, weights):
+    """(batch PSNR on the 0-255 scale from the whole test set's MSE, mean of per-image PSNR), by hand."""
+    model = build_semantic_model(run, "jscc")
+    load_weights(model, weights)
+    model.eval()
+    with torch.no_grad():
+        recon = model(run.test_x, snr_tensor(300.0, len(run.test_x), run.test_x.device)).recon
+    mse_255 = ((recon.double() * 255 - run.test_x.double() * 255) ** 2).mean()
+    per_batch = [((recon[s:s + 32].double() - run.test_x[s:s + 32].double()) ** 2).mean() for s in range(0, 100, 32)]
+    return {"batch": float(10 * torch.log10(255.0 ** 2 / mse_255)),
+            "per_image": float(psnr_per_image(recon, run.test_x).clamp(max=100).mean()),
+            "mean_of_batches": float(10 * torch.log10(1 / torch.stack(per_batch).mean()))}
+
+
+def test_batch_psnr_is_the_papers_whole_set_mse_on_the_0_255_scale(base):
+    overrides, _ = base
+    cfg, run, user_data, method, transport = make_method(overrides + EXACT + EVAL_EXACT)
+    assert len(run.test_x) == 100
+    # test images of very different contrast around mid-grey (an untrained decoder's output): very
+    # different per-image errors, so that the mean of per-image PSNR and the mean of the eval batches'
+    # MSE are both far from the PSNR of the whole set's MSE
+    contrast = torch.linspace(0.02, 1.0, 100, device=run.test_x.device).view(-1, 1, 1, 1)
+    run.test_x = 0.5 + (run.test_x - 0.5) * contrast
+    perturb_decoders(method, transport, range(3), scale=0.02)  # distinct pairs
+    rows = method.evaluate(2)
+    glob, users = rows[0], {r["user"]: r for r in rows[1:]}
+    halves = method.personal_halves()
+    fed = hand_psnrs(run, method.global_weights)
+    pairs = {(i, j): hand_psnrs(run, method.pair_weights(halves, i, j)) for i in range(3) for j in method.receivers[i]}
+    close = dict(rel=1e-5, abs=1e-6)
+    for i in range(3):
+        mine = [pairs[i, j] for j in method.receivers[i]]
+        assert users[i]["psnr_batch_db"] == pytest.approx(sum(p["batch"] for p in mine) / 2, **close)
+        assert users[i]["psnr_db"] == pytest.approx(sum(p["per_image"] for p in mine) / 2, **close)  # unchanged
+    batch = sum(p["batch"] for p in pairs.values()) / 6
+    assert glob["pairs"] == 6
+    assert glob["psnr_batch_db"] == pytest.approx(batch, **close)
+    assert glob["federated_psnr_batch_db"] == pytest.approx(fed["batch"], **close)
+    assert glob["federated_psnr_db"] == pytest.approx(fed["per_image"], **close)
+    assert glob["psnr_batch_gain_pct"] == pytest.approx(100 * (batch / fed["batch"] - 1), rel=1e-4, abs=1e-6)
+    assert glob["psnr_gain_pct"] == pytest.approx(100 * (glob["psnr_db"] / fed["per_image"] - 1), rel=1e-4, abs=1e-6)
+    # the definitions it must not be: the mean of per-image PSNR, or the mean of the eval batches' MSE
+    for p in [fed, *pairs.values()]:
+        assert abs(p["batch"] - p["per_image"]) > 0.1 and abs(p["batch"] - p["mean_of_batches"]) > 0.01
+    # stage 1: the federated model's row carries the batch PSNR too
+    method.personalised = False
+    (stage_one,) = method.evaluate(1)
+    assert stage_one["psnr_batch_db"] == pytest.approx(fed["batch"], **close) and "pairs" not in stage_one
+
+
+def test_evaluation_skips_users_whose_state_cannot_be_fetched(base):
+    overrides, _ = base
+    cfg, run, user_data, method, transport = make_method(overrides + EXACT)
+    fetch, gone = transport.fetch_state, set()
+    transport.fetch_state = lambda user, keys: None if user in gone else fetch(user, keys)  # a Flower node gone
+    gone.add(2)
+    glob, *users = method.evaluate(2)
+    assert glob["pairs"] == 2 and [(r["user"], r["receivers"]) for r in users] == [(0, "1"), (1, "0")]
+    gone.update({0, 1})  # nobody answers: the federated model's metrics, no pair means, no error
+    rows = method.evaluate(2)
+    assert len(rows) == 1 and rows[0]["scope"] == "global" and rows[0]["pairs"] == 0
+    assert {"federated_psnr_db", "federated_psnr_batch_db", "federated_ssim", "federated_loss"} <= rows[0].keys()
+    assert not {"psnr_db", "psnr_batch_db", "psnr_gain_pct", "loss"} & rows[0].keys()

@@ -85,8 +85,15 @@ def test_config_errors_name_the_field(base):
         load_config(None, ["method=skbs"])
     with pytest.raises(ConfigError, match=r"^skbs.compact_width"):
         load_config(None, ["method=skbs", "model.arch=vq-jscc", "skbs.compact_width=0"])
-    with pytest.raises(ConfigError, match=r"^skbs.distill_weight"):
+    # each error names the offending field alone
+    with pytest.raises(ConfigError, match=r"^skbs.distill_weight: must be >= 0, got -1") as err:
         load_config(None, ["method=skbs", "model.arch=vq-jscc", "skbs.distill_weight=-1"])
+    assert "user_eval_samples" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"^skbs.user_eval_samples: must be >= 0") as err:
+        load_config(None, ["method=skbs", "model.arch=vq-jscc", "skbs.user_eval_samples=-1"])
+    assert "distill_weight" not in str(err.value)
+    cfg = load_config(None, ["method=skbs", "model.arch=vq-jscc", "skbs.distill_weight=0", "skbs.user_eval_samples=0"])
+    assert cfg.table("skbs").distill_weight == 0 and cfg.table("skbs").user_eval_samples == 0  # both bounds allowed
 
 
 def test_a_run_learns_and_resumes_to_the_same_metrics(base, monkeypatch):

@@ -47,7 +47,7 @@ MIDDLE_PREFIXES = ("from_symbols.", "decoder.0.", "decoder.1.")  # codewords -> 
 class FedSFDOptions:
     pairs: int = 50  # feature pairs each user uploads per round (the paper: 50)
     server_width: float = 2.0  # the base station's middle: channels x this, and one more layer
-    server_epochs: int = 3
+    server_epochs: int = 3  # >= 1
     server_lr: float = 0.0  # 0 = train.lr
     distill_epochs: int = 1  # each user's epochs over the broadcast pairs
     distill_lr: float = 0.0  # 0 = train.lr
@@ -58,7 +58,10 @@ class FedSFDOptions:
             raise ConfigError(f"fedsfd.pairs: must be >= 1, got {self.pairs}")
         if self.server_width <= 0:
             raise ConfigError(f"fedsfd.server_width: must be > 0, got {self.server_width}")
-        for name in ("server_epochs", "server_lr", "distill_epochs", "distill_lr", "user_eval_samples"):
+        if self.server_epochs < 1:  # 0 would broadcast an untrained base-station middle as the targets
+            raise ConfigError(f"fedsfd.server_epochs: must be >= 1 (the base station fits its middle before "
+                              f"broadcasting its outputs), got {self.server_epochs}")
+        for name in ("server_lr", "distill_epochs", "distill_lr", "user_eval_samples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"fedsfd.{name}: must be >= 0, got {getattr(self, name)}")
 

@@ -29,9 +29,17 @@ drawn per sample from ``finefed.train_snrs``: the code's {1, 4, 7, 10, 13} dB).
 Evaluation of stage 2: every pair (i, j) is tested as E_i -> channel -> D_j on the test set at
 eval.snr_db; a user's row averages its pairs as sender; the global row averages all pairs and
 gives the federated model's PSNR on the same images (``federated_psnr_db``) next to it.
+Two PSNRs: ``psnr_db`` (and ``federated_psnr_db``, ``psnr_gain_pct``) is the mean of per-image PSNR,
+as for every other method; ``psnr_batch_db`` (``federated_psnr_batch_db``, ``psnr_batch_gain_pct``)
+is the paper's: 10 log10(255^2 / MSE) on the 0-255 scale, the MSE taken over the whole test set
+(= 10 log10(1 / MSE) on the [0, 1] images; 100 dB at most, as the per-image PSNR). Pair rows average
+their pairs' values of both. MS-SSIM, the paper's other metric, is not computed (``ssim`` is SSIM).
+A user whose state cannot be fetched (a Flower node gone) is left out of the evaluation; when no
+user answers, the global row holds the federated model's metrics only, with ``pairs`` = 0.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +59,7 @@ from semfl.training import batches, evaluate_semantic, load_weights, snr_tensor,
 @dataclass
 class FineFedOptions:
     fedavg_rounds: int = 0  # stage 1 length F; 0 = half of the rounds (at least 1)
-    receivers: int = 2  # |R(i)|, at most users - 1
+    receivers: int = 2  # |R(i)|, 1..users - 1
     lr: float = 1e-4  # Adam, both phases (the authors' code)
     batches_per_message: int = 8  # encoder phase: mini-batches of every pair per message (1 = exact)
     train_snrs: list[float] = field(default_factory=list)  # per-sample training SNRs drawn from these; empty = channel.train_snr
@@ -63,6 +71,9 @@ class FineFedOptions:
             raise ConfigError(f"users: finefed needs at least 2 users (senders and receivers), got {cfg.users}")
         if self.receivers < 1:
             raise ConfigError(f"finefed.receivers: must be >= 1, got {self.receivers}")
+        if cfg.method == "finefed" and self.receivers > cfg.users - 1:
+            raise ConfigError(f"finefed.receivers: must be at most users - 1 ({cfg.users - 1}: a user never "
+                              f"sends to itself), got {self.receivers}")
         if self.lr <= 0:
             raise ConfigError(f"finefed.lr: must be > 0, got {self.lr}")
         if self.batches_per_message < 1:
@@ -96,6 +107,33 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
 
 def from_pixels(pixels: torch.Tensor, device) -> torch.Tensor:
     return pixels.to(device).float() / 255
+
+
+MAX_PSNR_DB = 100.0  # the cap of the per-image PSNR too (identical images)
+
+
+class SquaredErrorTap(torch.nn.Module):
+    """A semantic model that also sums the squared error of its reconstructions (for the batch PSNR):
+    evaluate_semantic runs it in place of the model, so both PSNRs come from the same reconstructions."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.inner = model
+        self.squared_error, self.values = 0.0, 0
+
+    def forward(self, images: torch.Tensor, snr: torch.Tensor):
+        out = self.inner(images, snr)
+        self.squared_error += float((out.recon.double() - images.double()).square().sum())
+        self.values += images.numel()
+        return out
+
+    def psnr_db(self) -> float:
+        """10 log10(1 / MSE) over everything seen ([0, 1] images: 10 log10(255^2 / MSE) on the 0-255 scale)."""
+        if self.values == 0:
+            raise ValueError("no reconstructions seen")
+        if self.squared_error == 0:
+            return MAX_PSNR_DB
+        return min(MAX_PSNR_DB, 10 * math.log10(self.values / self.squared_error))
 
 
 @register_method
@@ -336,29 +374,39 @@ class FineFed(FedAvg):
     def pair_weights(self, halves: dict, sender: int, receiver: int) -> dict[str, torch.Tensor]:
         return {**self.global_weights, **halves[sender]["sender"], **halves[receiver]["receiver"]}
 
+    def evaluate_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
+        """evaluate_semantic of the working model with these weights, plus the batch PSNR (psnr_batch_db)."""
+        load_weights(self.model, weights)
+        tap = SquaredErrorTap(self.model)
+        result = evaluate_semantic(tap, self.run.classifier, self.run.test_x, self.run.test_y,
+                                   self.cfg.eval.snr_db, self.cfg.eval.batch_size)
+        return {**result, "psnr_batch_db": tap.psnr_db()}
+
     def evaluate(self, round_: int) -> list[dict[str, Any]]:
-        federated = super().evaluate(round_)
+        fed = self.evaluate_weights(self.global_weights)  # the federated model (FedAvg's global row)
         if not self.personalised:
-            return federated
+            return [{"scope": "global", **fed}]
         halves = self.personal_halves()
-        keys = ("loss", "accuracy", "psnr_db", "ssim")
+        keys = ("loss", "accuracy", "psnr_db", "ssim", "psnr_batch_db")
         rows, pair_results = [], []
         for i in range(self.cfg.users):
             pairs = [j for j in self.receivers[i] if i in halves and j in halves]
-            results = []
-            for j in pairs:
-                load_weights(self.model, self.pair_weights(halves, i, j))
-                results.append(evaluate_semantic(self.model, self.run.classifier, self.run.test_x, self.run.test_y,
-                                                 self.cfg.eval.snr_db, self.cfg.eval.batch_size))
+            results = [self.evaluate_weights(self.pair_weights(halves, i, j)) for j in pairs]
             if results:
                 rows.append({"scope": "user", "user": i, "receivers": ",".join(map(str, pairs)),
                              **{k: sum(r[k] for r in results) / len(results) for k in keys}})
                 pair_results += results
-        fed = federated[0]
+        federated = {"federated_psnr_db": fed["psnr_db"], "federated_psnr_batch_db": fed["psnr_batch_db"],
+                     "federated_ssim": fed["ssim"], "federated_loss": fed["loss"]}
+        if not pair_results:  # no pair with both ends reachable (Flower nodes gone): the federated model only
+            self.run.log(f"finefed: round {round_}: no pair's personal halves could be fetched (users "
+                         f"{sorted(set(range(self.cfg.users)) - set(halves))} did not answer or hold none); "
+                         "the global row has the federated model's metrics only")
+            return [{"scope": "global", "pairs": 0, **federated}]
         mean = {k: sum(r[k] for r in pair_results) / len(pair_results) for k in keys}
-        return [{"scope": "global", **mean, "pairs": len(pair_results), "federated_psnr_db": fed["psnr_db"],
-                 "federated_ssim": fed["ssim"], "federated_loss": fed["loss"],
-                 "psnr_gain_pct": 100 * (mean["psnr_db"] / fed["psnr_db"] - 1)}] + rows
+        return [{"scope": "global", **mean, "pairs": len(pair_results), **federated,
+                 "psnr_gain_pct": 100 * (mean["psnr_db"] / fed["psnr_db"] - 1),
+                 "psnr_batch_gain_pct": 100 * (mean["psnr_batch_db"] / fed["psnr_batch_db"] - 1)}] + rows
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "personalised": self.personalised}

@@ -51,9 +51,10 @@ class SKBSOptions:
     def validate(self, cfg) -> None:
         if not 0 < self.compact_width <= 1:
             raise ConfigError(f"skbs.compact_width: must be in (0, 1], got {self.compact_width}")
-        if self.distill_weight < 0 or self.user_eval_samples < 0:
-            raise ConfigError(f"skbs.distill_weight: distill_weight and user_eval_samples must be >= 0, "
-                              f"got {self.distill_weight} and {self.user_eval_samples}")
+        if self.distill_weight < 0:
+            raise ConfigError(f"skbs.distill_weight: must be >= 0, got {self.distill_weight}")
+        if self.user_eval_samples < 0:
+            raise ConfigError(f"skbs.user_eval_samples: must be >= 0 (0 = off), got {self.user_eval_samples}")
 
 
 register_table("skbs", SKBSOptions)
