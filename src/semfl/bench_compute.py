@@ -31,6 +31,22 @@ def local_step(model, opt, images, labels, snr_db: float, cfg, run) -> None:
     opt.step()
 
 
+def fresh_step(cfg, run, images, labels, snr_db: float, memory_format=None, compiled: bool = False):
+    """(model, step): a new semantic model and optimiser, and one local step of them on this batch."""
+    import torch
+
+    from semfl.methods.common import build_semantic_model
+    from semfl.training import make_optimizer
+
+    memory_format = memory_format or torch.contiguous_format
+    model = build_semantic_model(run, cfg.model.arch).to(memory_format=memory_format)
+    model.train()
+    opt = make_optimizer(model.parameters(), cfg.train)
+    forward = torch.compile(model) if compiled else model
+    batch = images.contiguous(memory_format=memory_format)
+    return model, lambda: local_step(forward, opt, batch, labels, snr_db, cfg, run)
+
+
 def gemm_gflops(device, repeats: int = 5) -> float:
     """Best of ``repeats`` fp32 GEMMs of GEMM_SIZE², in GFLOP/s."""
     import torch
@@ -71,22 +87,11 @@ def compute_profile(cfg, run, user_data, steps: int = 10, blocks: int = 5, varia
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
-    from semfl.methods.common import build_semantic_model
-    from semfl.training import make_optimizer
-
     x, y = user_data[0]
     images, labels = x[:cfg.train.batch_size], y[:cfg.train.batch_size]
     snr = run.link.snr_db(1, 0)
 
-    def make_step(memory_format=torch.contiguous_format, compiled: bool = False):
-        model = build_semantic_model(run, cfg.model.arch).to(memory_format=memory_format)
-        model.train()
-        opt = make_optimizer(model.parameters(), cfg.train)
-        forward = torch.compile(model) if compiled else model
-        batch = images.contiguous(memory_format=memory_format)
-        return model, lambda: local_step(forward, opt, batch, labels, snr, cfg, run)
-
-    model, step = make_step()
+    model, step = fresh_step(cfg, run, images, labels, snr)
     counter = FlopCounterMode(display=False)
     with counter:
         step()
@@ -113,7 +118,7 @@ def compute_profile(cfg, run, user_data, steps: int = 10, blocks: int = 5, varia
         out["variants"] = {}
         for name, kwargs in (("channels_last", {"memory_format": torch.channels_last}), ("torch.compile", {"compiled": True})):
             tic = time.perf_counter()
-            variant_s = _median_step_s(make_step(**kwargs)[1], run.device, steps, blocks)
+            variant_s = _median_step_s(fresh_step(cfg, run, images, labels, snr, **kwargs)[1], run.device, steps, blocks)
             out["variants"][name] = {"step_s": variant_s, "speedup": step_s / variant_s,
                                      "with_warmup_s": time.perf_counter() - tic}
     return out
@@ -128,18 +133,12 @@ def user_batching(cfg, run, user_data, snr: float, steps: int, blocks: int) -> l
     faster per sample the same work gets when the kernels see a larger batch."""
     import torch
 
-    from semfl.methods.common import build_semantic_model
-    from semfl.training import make_optimizer
-
     batch = cfg.train.batch_size
     rows = []
     for k in sorted({1, min(3, len(user_data)), len(user_data)}):
         images = torch.cat([user_data[u][0][:batch] for u in range(k)])
         labels = torch.cat([user_data[u][1][:batch] for u in range(k)])
-        model = build_semantic_model(run, cfg.model.arch)
-        model.train()
-        opt = make_optimizer(model.parameters(), cfg.train)
-        step_s = _median_step_s(lambda: local_step(model, opt, images, labels, snr, cfg, run), run.device, steps, blocks)
+        step_s = _median_step_s(fresh_step(cfg, run, images, labels, snr)[1], run.device, steps, blocks)
         rows.append({"users": k, "batch_size": len(images), "step_s": step_s, "per_batch_s": step_s * batch / len(images)})
     for row in rows:
         row["speedup_per_sample"] = rows[0]["per_batch_s"] / row["per_batch_s"]
