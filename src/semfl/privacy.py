@@ -21,7 +21,9 @@ mechanism itself, and no amplification by sampling is claimed. ε covers the pri
 only; under DP a PSFL user's reply therefore carries nothing else about its data (no training
 losses, no test metrics, no update norm). The accounting is for the
 *unweighted* sum Σ_k clip(Δ_k) + noise; dividing by the public number of participants is
-post-processing. Data-size weights N_k/ΣN are data-dependent: use uniform weights with DP.
+post-processing. Data-size weights N_k/ΣN make N_k public and are not covered by ε; PSFL keeps
+them under DP (each clipped update is scaled by at most 1, so the sum's noise multiplier stays
+at least z), as README says.
 
 **Secure aggregation** (pairwise additive masking, Bonawitz et al. 2017, simplified). Threat
 model: honest-but-curious base station, no collusion between BS and users, every participant

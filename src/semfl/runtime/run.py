@@ -170,9 +170,11 @@ class Runner:
                     missing = set(info.get("missing_users", []))
                     if missing and missing >= set(users):
                         errors = info.get("node_errors", [])
-                        cause = ("; the nodes said: " + " | ".join(errors[:3]) + (" | …" if len(errors) > 3 else "")
-                                 + ". Fix that, then continue the run with --resume") if errors else \
-                            ": the run stopped here: continue it with --resume once the nodes are back"
+                        if errors:
+                            shown = " | ".join(errors[:3]) + (" | …" if len(errors) > 3 else "")
+                            cause = f"; the nodes said: {shown}. Fix that, then continue the run with --resume"
+                        else:
+                            cause = ": the run stopped here: continue it with --resume once the nodes are back"
                         raise RunError(f"round {round_}: no user answered (users {sorted(missing)} missing){cause}") from None
                     raise
                 if hasattr(transport, "round_info"):
