@@ -41,6 +41,7 @@ run: setup
 	$(BIN)/semfl run $(CONFIG) $(ARGS)
 
 test: setup-test
+	$(BIN)/lint-imports --no-cache  # the layers of the house (pyproject.toml [tool.importlinter])
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-slow: setup-test

@@ -35,8 +35,8 @@ def _setup(overrides: list[str]):
     key = tuple(overrides)
     if _STATE.get("key") != key:
         from semfl.config import load_config
-        from semfl.runtime import seeding
-        from semfl.runtime.run import build_context
+        from semfl.protocol import seeding
+        from semfl.runtimes.run import build_context
 
         cfg = load_config(None, overrides)
         seeding.enter(cfg.seed, "setup")
@@ -68,7 +68,7 @@ def make_apps(overrides: list[str], client_cpus: int, marks: list[float], fit_lo
             return [p.detach().cpu().numpy() for p in self.model.parameters()]
 
         def fit(self, parameters, config):
-            from semfl.runtime import seeding
+            from semfl.protocol import seeding
             from semfl.training import local_train
 
             started = time.perf_counter()
@@ -100,7 +100,7 @@ def make_apps(overrides: list[str], client_cpus: int, marks: list[float], fit_lo
     def server_fn(context: Context):
         cfg, run, _ = _setup(overrides)
         from semfl.methods.common import build_semantic_model
-        from semfl.runtime import seeding
+        from semfl.protocol import seeding
 
         seeding.enter(cfg.seed, "init")
         model = build_semantic_model(run, cfg.model.arch)

@@ -92,23 +92,23 @@ def local_method(method_cls, overrides: list[str], round_: int = 1):
     """A method wired to a LocalTransport outside the runner, for tests that drive its handlers:
     (cfg, run context, user data, transport, method)."""
     from semfl.config import load_config
-    from semfl.runtime.local import LocalTransport
-    from semfl.runtime.run import build_context
+    from semfl.protocol.method import bind
+    from semfl.runtimes.local import LocalTransport
+    from semfl.runtimes.run import build_context
 
     cfg = load_config(None, overrides)
     run, user_data = build_context(cfg, None, log=lambda m: None)
     transport = LocalTransport(run.link, user_data, cfg.seed, run.device, handlers={})
-    method = method_cls(run, transport)
-    transport.handlers = method.handlers()
-    transport.round = round_
+    method = bind(method_cls, run, transport)
+    transport.start_round(round_)
     return cfg, run, user_data, transport, method
 
 
 def whole_and_resumed(cfg, tmp: Path, monkeypatch, owner, attribute: str, round_: int, keep: tuple[str, ...]):
     """Run cfg once whole, once killed (KeyboardInterrupt) when ``owner.attribute`` is first called
     in ``round_`` and then resumed; return both runs' metric rows cut to ``keep``."""
-    from semfl.runtime.checkpoint import read_jsonl
-    from semfl.runtime.run import Runner
+    from semfl.files import read_jsonl
+    from semfl.runtimes.run import Runner
 
     quiet = dict(show_progress=False, log=lambda m: None)
     Runner(cfg, tmp / "whole", **quiet).execute()

@@ -4,13 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from semfl.batched import supported, train_users_vmap
-from semfl.channel import Channel
+from semfl.methods.batched import supported, train_users_vmap
+from semfl.wireless.channel import Channel
 from semfl.config import ConfigError, TrainConfig, load_config
 from semfl.models import ImageSpec, build_model
-from semfl.runtime import seeding
-from semfl.runtime.checkpoint import read_jsonl
-from semfl.runtime.run import Runner
+from semfl.protocol import seeding
+from semfl.files import read_jsonl
+from semfl.runtimes.run import Runner
 from semfl.training import load_weights, local_train, weights_of
 
 SPEC = ImageSpec(1, 28, 28, 10)
@@ -121,7 +121,7 @@ def test_fedavg_run_vmap_on_equals_off(tiny_overrides, tmp_path):
 
 
 def test_user_states_spill_to_disk_under_a_memory_cap(tmp_path):
-    from semfl.runtime.local import UserStates
+    from semfl.runtimes.local import UserStates
 
     states = UserStates(4, cap_bytes=3 * 4000 + 100, spill_parent=tmp_path)  # room for 3 states of 4000 bytes
     for user in range(4):
@@ -140,7 +140,7 @@ def test_user_states_spill_to_disk_under_a_memory_cap(tmp_path):
 
 
 def test_checkpoint_keeps_one_file_per_user_and_loads_lazily(tmp_path):
-    from semfl.runtime.local import UserStates
+    from semfl.runtimes.local import UserStates
 
     states = UserStates(4, cap_bytes=2 * 4000 + 100, spill_parent=tmp_path / "run")  # 2 of 4 fit in memory
     for user in range(3):  # user 3 keeps an empty state
@@ -171,7 +171,7 @@ def test_checkpoint_keeps_one_file_per_user_and_loads_lazily(tmp_path):
 def test_psfl_resume_from_per_user_checkpoint_files(tiny_overrides, tmp_path, monkeypatch):
     """Killed mid-round 2 under a tiny state cap, resumed: the uninterrupted run's metrics; the
     checkpoint holds the mentors as one file per user, not inside state.pt."""
-    from semfl.runtime.local import LocalTransport
+    from semfl.runtimes.local import LocalTransport
 
     sets = tiny_overrides + ["rounds=2", "method=psfl", "engine.state_memory_mb=0.001", "eval.snr_sweep=[]",
                              "eval.grid_images=0", "data.max_per_user=40", "psfl.user_eval_samples=20"]
@@ -257,7 +257,7 @@ def test_bench_quick_smoke(fmnist_root, tmp_path):
 
 
 def test_five_x_requirement_by_hand():
-    from semfl.bench_compute import five_x_requirement
+    from semfl.experiments.bench.compute import five_x_requirement
 
     compute = {"step_s": 0.08, "flops_per_step": 4.0e9, "gemm_gflops": 200.0}
     # Flower: 9 users, a 14.4 s round (1.6 s per client), a 0.6 s fit of 8 batches -> 1.0 s of engine
@@ -272,7 +272,7 @@ def test_five_x_requirement_by_hand():
 
 
 def test_bench_flower_table_lists_every_workload():
-    from semfl.bench import markdown
+    from semfl.experiments.bench.bench import markdown
 
     def point(per_user, flower_s, semfl_s, fit=None):
         return {"samples_per_user": per_user, "batches_per_user": -(-per_user // 32),

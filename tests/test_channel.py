@@ -1,4 +1,4 @@
-"""Statistics, determinism and differentiability of semfl.channel (Sionna-based)."""
+"""Statistics, determinism and differentiability of semfl.wireless.channel (Sionna-based)."""
 from __future__ import annotations
 
 import math
@@ -12,14 +12,7 @@ import torch
 import sionna.phy
 from sionna.phy.channel import AWGN
 
-from semfl.channel import (
-    Channel,
-    ChannelDraw,
-    make_channel,
-    power_normalize,
-    seed_channels,
-    snr_to_noise_var,
-)
+from semfl.wireless.channel import Channel, ChannelDraw, make_channel, power_normalize, seed_channels, snr_to_noise_var
 from semfl.config import ChannelConfig
 
 
@@ -236,7 +229,7 @@ def test_kind_validation_and_make_channel():
 def test_import_keeps_torch_rng_state():
     code = (
         "import torch; torch.manual_seed(0); a = torch.rand(3); torch.manual_seed(0); "
-        "import semfl.channel; b = torch.rand(3); assert torch.equal(a, b), (a, b)"
+        "import semfl.wireless.channel; b = torch.rand(3); assert torch.equal(a, b), (a, b)"
     )
     src = str(Path(__file__).resolve().parents[1] / "src")
     r = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
@@ -263,9 +256,9 @@ def test_cuda_stays_on_device(kind):
 
 
 def test_preserved_rng_leaves_torch_and_sionna_generators_untouched():
-    from semfl.channel import make_channel, preserved_rng
+    from semfl.wireless.channel import make_channel, preserved_rng
     from semfl.config import ChannelConfig
-    from semfl.runtime import seeding
+    from semfl.protocol import seeding
 
     channel = make_channel(ChannelConfig(kind="awgn"))
     x = torch.ones(4, 16, dtype=torch.complex64)

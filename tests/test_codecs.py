@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from semfl.codecs import Payload, available_codecs, get_codec
-from semfl.codecs.base import META_BITS
-from semfl.codecs.sparse import position_bits, sparse_tensor_bits
+from semfl.wireless.codecs import Payload, available_codecs, get_codec
+from semfl.wireless.codecs.base import META_BITS
+from semfl.wireless.codecs.sparse import position_bits, sparse_tensor_bits
 
 
 def _sparse_tensor(numel: int, nonzeros: int, seed: int = 0, shape=None) -> torch.Tensor:

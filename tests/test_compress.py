@@ -6,23 +6,8 @@ import math
 import pytest
 import torch
 
-from semfl.codecs import Payload, get_codec
-from semfl.compress import (
-    TernaryQuant,
-    golomb_position_bits,
-    keep_count,
-    qsgd,
-    qsgd_bits,
-    qsgd_unit,
-    stc,
-    stc_bits,
-    stc_error_accumulation,
-    ternarize,
-    ternary_layers,
-    ternary_threshold,
-    topk,
-    topk_error_feedback,
-)
+from semfl.wireless.codecs import Payload, get_codec
+from semfl.wireless.compress import TernaryQuant, golomb_position_bits, keep_count, qsgd, qsgd_bits, qsgd_unit, stc, stc_bits, stc_error_accumulation, ternarize, ternary_layers, ternary_threshold, topk, topk_error_feedback
 
 
 def _randn(*shape, seed=0):

@@ -225,7 +225,7 @@ def test_round_trip_of_defaults_with_none(tmp_path):
 # ---------------------------------------------------------------- CLI
 
 def test_cli_reports_config_error_without_training(tmp_path, capsys, monkeypatch):
-    import semfl.runtime.run as run_module
+    import semfl.runtimes.run as run_module
 
     class NoRunner:
         def __init__(self, *args, **kwargs):

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from semfl.codecs import Payload
-from semfl.codecs.base import META_BITS
-from semfl.codecs.sparse import sparse_tensor_bits
-from semfl.compress import keep_count, qsgd_bits, stc_bits, ternary_layers
+from semfl.wireless.codecs import Payload
+from semfl.wireless.codecs.base import META_BITS
+from semfl.wireless.codecs.sparse import sparse_tensor_bits
+from semfl.wireless.compress import keep_count, qsgd_bits, stc_bits, ternary_layers
 from semfl.config import ConfigError, load_config
-from semfl.runtime.checkpoint import read_jsonl
-from semfl.runtime.run import Runner, build_context, participants
+from semfl.files import read_jsonl
+from semfl.runtimes.run import Runner, build_context, participants
 from semfl.training import weights_of
 
 METHODS = ["stc", "fttq", "fedpaq", "topk"]
@@ -64,7 +64,7 @@ def runs(base):
 
 
 def shapes(cfg) -> dict[str, int]:
-    from semfl.channel import Channel
+    from semfl.wireless.channel import Channel
     from semfl.models import ImageSpec, build_model
 
     model = build_model(cfg.model.arch, cfg.scale, ImageSpec(1, 28, 28, 10), Channel("awgn"))
@@ -88,7 +88,7 @@ def expected_uplink_bits(method: str, cfg) -> int:
 
 def fttq_bits(cfg) -> int:
     """2 bits per entry + 32 for w_p per quantised tensor, 32 bits per full-precision entry."""
-    from semfl.channel import Channel
+    from semfl.wireless.channel import Channel
     from semfl.models import ImageSpec, build_model
 
     model = build_model(cfg.model.arch, cfg.scale, ImageSpec(1, 28, 28, 10), Channel("awgn"))
@@ -172,7 +172,7 @@ def test_fedpaq_samples_configured_users(runs):
 def test_stc_resume_after_kill_matches_uninterrupted(runs, base, monkeypatch):
     """Residuals, user model copies and the server's sync record survive a kill mid-round
     (this also checks that STC is deterministic: the resumed run equals the first one)."""
-    from semfl.runtime.local import LocalTransport
+    from semfl.runtimes.local import LocalTransport
 
     overrides, tmp = base
     _, reference = runs("stc")
@@ -213,7 +213,7 @@ def context(base):
 
     def make(method, extra=()):
         from semfl.methods import get_method
-        from semfl.runtime.local import LocalTransport
+        from semfl.runtimes.local import LocalTransport
 
         cfg = load_config(None, overrides + [f"method={method}", *extra])
         run, user_data = build_context(cfg, None, log=lambda m: None)
@@ -226,7 +226,7 @@ def context(base):
 
 
 def user_ctx(user_data, state, round_=1, user=0):
-    from semfl.runtime.local import UserContext
+    from semfl.protocol.context import UserContext
 
     x, y = user_data[user]
     return UserContext(user=user, round=round_, x=x, y=y, snr_db=10.0, state=state, seed=round_)
@@ -298,7 +298,7 @@ def test_fttq_uploads_are_ternary(context):
     # the learnt scale differs from the broadcast one (w_p trains), and weights moved
     changed = [k for k in quantised if not torch.equal(reply.tensors[k], m.global_weights[k])]
     assert changed
-    from semfl.codecs.ternary import ternary_scale
+    from semfl.wireless.codecs.ternary import ternary_scale
 
     assert any(float(ternary_scale(reply.tensors[k])) != float(ternary_scale(m.global_weights[k]))
                for k in quantised)
@@ -309,7 +309,7 @@ def test_fedpaq_local_steps_and_grid(context):
     cfg, m, _, user_data = context("fedpaq", ["fedpaq.local_steps=2", "fedpaq.levels=4"])
     reply = m.user_train(user_ctx(user_data, {}), Payload(m.global_weights, codec="dense"))
     assert reply.codec == "qsgd4"
-    from semfl.codecs.qsgd import qsgd_levels
+    from semfl.wireless.codecs.qsgd import qsgd_levels
 
     for k, t in reply.tensors.items():
         _, levels = qsgd_levels(t, 4, k)  # raises unless on a 4-level grid
@@ -328,7 +328,7 @@ def test_option_errors_name_the_field():
 
 
 def test_fttq_server_requantisation_by_hand():
-    from semfl.methods.fttq import requantise
+    from semfl.methods.compression.fttq import requantise
 
     theta = torch.tensor([[0.9, -0.3, 0.01], [-0.02, 0.5, -1.2]])
     delta = 0.05 * theta.abs().sum() / 6  # adaptive server rule, d0 d1 = 6
@@ -355,7 +355,7 @@ def test_steps_data_gives_exactly_tau_batches():
 def test_users_report_their_local_models_accuracy_in_evaluated_rounds(context, method):
     """Per-client local accuracy (PSFL Figs 15-16): the user's locally trained model on the first
     eval.user_samples test images, only in rounds the runner evaluates."""
-    from semfl.codecs import Payload
+    from semfl.wireless.codecs import Payload
     from semfl.methods.common import build_semantic_model, loss_rows
     from semfl.training import evaluate_semantic, load_weights
 

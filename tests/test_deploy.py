@@ -15,9 +15,9 @@ pytest.importorskip("flwr")
 pytestmark = pytest.mark.xdist_group("flower-deployment")
 
 from semfl.config import load_config  # noqa: E402
-from semfl.deploy import LocalDeployment, make_node_key  # noqa: E402
-from semfl.runtime.checkpoint import read_jsonl  # noqa: E402
-from semfl.runtime.run import Runner  # noqa: E402
+from semfl.runtimes.flower.deploy import LocalDeployment, make_node_key  # noqa: E402
+from semfl.files import read_jsonl  # noqa: E402
+from semfl.runtimes.run import Runner  # noqa: E402
 from test_flower import assert_same_metrics  # noqa: E402
 
 
@@ -78,7 +78,7 @@ def test_deployment_stops_everything_when_interrupted(psfl_overrides, tmp_path):
 
 
 def test_existing_run_needs_resume(psfl_overrides, tmp_path):
-    from semfl.deploy import DeployError
+    from semfl.runtimes.flower.deploy import DeployError
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
@@ -98,7 +98,7 @@ def test_node_keys_are_openssh_p384(tmp_path):
 
 
 def test_certificate_script_signs_a_server_certificate(tmp_path):
-    from semfl.deploy import make_certificates
+    from semfl.runtimes.flower.deploy import make_certificates
 
     folder = make_certificates(tmp_path / "certs")
     check = subprocess.run(["openssl", "verify", "-CAfile", str(folder / "ca.crt"), str(folder / "server.pem")],
@@ -114,7 +114,7 @@ def test_real_node_death_mid_run_is_survived(psfl_overrides, tmp_path):
     """Kill user 1's SuperNode (its whole process group) after round 1: round 2 finishes with user 0,
     user 1 is listed in missing_users, and the run completes. (A message costs a fresh process on a
     SuperNode, seconds under load, hence the generous reply timeout.)"""
-    from semfl.runtime.checkpoint import read_jsonl as rows_of
+    from semfl.files import read_jsonl as rows_of
 
     cfg = load_config(None, psfl_overrides + ["rounds=2", "engine.reply_timeout_s=120"])
     out = tmp_path / "run"

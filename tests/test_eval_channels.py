@@ -6,7 +6,7 @@ import json
 import pytest
 
 from semfl.config import ConfigError, load_config
-from semfl.runtime.run import Runner
+from semfl.runtimes.run import Runner
 
 
 def test_unknown_sweep_channel_is_named(tiny_overrides):

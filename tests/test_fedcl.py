@@ -8,18 +8,17 @@ import pytest
 import torch
 
 from conftest import local_method, record_learning_rates, whole_and_resumed
-from semfl.codecs import Payload
+from semfl.wireless.codecs import Payload
 from semfl.config import ConfigError, load_config
-from semfl.methods import split_common
-from semfl.methods.fedavg_split import FedAvgSplit
-from semfl.methods.fedcl import FedCL, batch_sizes, downlink_generator, downlink_noise, local_centroids
-from semfl.methods.fedproto import FedProto, average_prototypes
-from semfl.methods.split_common import (assign_encoders, build_head, FedCLOptions, float_state, load_float_state,
-                                        task_loss, user_lr)
+from semfl.methods.split import common as split_common
+from semfl.methods.split.fedavg_split import FedAvgSplit
+from semfl.methods.split.fedcl import FedCL, batch_sizes, downlink_generator, downlink_noise, local_centroids
+from semfl.methods.split.fedproto import FedProto, average_prototypes
+from semfl.methods.split.common import assign_encoders, build_head, FedCLOptions, float_state, load_float_state, task_loss, user_lr
 from semfl.training import batches
 from semfl.models.split import SplitEncoder, scg_loss, symbols
-from semfl.runtime.checkpoint import read_jsonl
-from semfl.runtime.run import Runner
+from semfl.files import read_jsonl
+from semfl.runtimes.run import Runner
 
 split_common_transmit = split_common.transmit
 

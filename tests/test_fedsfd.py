@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import local_method, record_learning_rates, vq_overrides, whole_and_resumed
-from semfl.codecs import Payload
-from semfl.codecs.base import META_BITS
+from semfl.wireless.codecs import Payload
+from semfl.wireless.codecs.base import META_BITS
 from semfl.config import ConfigError, load_config
-from semfl.methods.fedsfd import MIDDLE_PREFIXES, FedSFD, middle
-from semfl.runtime.checkpoint import read_jsonl
+from semfl.methods.fedsfr.fedsfd import MIDDLE_PREFIXES, FedSFD, middle
+from semfl.files import read_jsonl
 
 
 @pytest.fixture
@@ -108,10 +108,10 @@ def test_a_run_learns_and_resumes_to_the_same_metrics(base, monkeypatch):
 
 
 def test_skbs_and_fedsfd_follow_fedsfrs_learning_rate_schedule(base, monkeypatch):
-    import semfl.methods.fedsfd as fedsfd_module
-    import semfl.methods.skbs as skbs_module
+    import semfl.methods.fedsfr.fedsfd as fedsfd_module
+    import semfl.methods.fedsfr.skbs as skbs_module
     import semfl.training as training
-    from semfl.methods.skbs import SKBS
+    from semfl.methods.fedsfr.skbs import SKBS
 
     overrides, _ = base
     schedule = ["fedsfr.lr_decay=0.5", "fedsfr.lr_decay_every=2", "train.lr=0.02", "fedsfd.server_lr=0.004",

@@ -9,18 +9,17 @@ import pytest
 import torch
 
 from conftest import local_method, record_learning_rates, vq_overrides
-from semfl.channel import make_channel
-from semfl.codecs import Payload, get_codec
-from semfl.codecs.base import META_BITS
-from semfl.compress import (keep_count, stochastic_grid_quantize, svq_bits, svq_error_feedback,
-                            svq_fraction_for_budget)
+from semfl.wireless.channel import make_channel
+from semfl.wireless.codecs import Payload, get_codec
+from semfl.wireless.codecs.base import META_BITS
+from semfl.wireless.compress import keep_count, stochastic_grid_quantize, svq_bits, svq_error_feedback, svq_fraction_for_budget
 from semfl.config import ConfigError, load_config
-from semfl.methods.fedsfr import FedSFR, capacity_bits
+from semfl.methods.fedsfr.fedsfr import FedSFR, capacity_bits
 from semfl.models import ImageSpec, build_model
 from semfl.models.vqjscc import largest_margin, nearest_codeword, qam_codebook
-from semfl.runtime import seeding
-from semfl.runtime.checkpoint import read_jsonl
-from semfl.runtime.run import Runner, build_context
+from semfl.protocol import seeding
+from semfl.files import read_jsonl
+from semfl.runtimes.run import Runner, build_context
 from semfl.training import snr_tensor
 
 GRID = qam_codebook(8)[:, 0].unique().sort().values
@@ -231,7 +230,7 @@ def test_a_run_learns_within_every_budget(base, mode):
 
 
 def test_aggregation_weights_by_hand():
-    from semfl.methods.fedsfr import aggregation_weights
+    from semfl.methods.fedsfr.fedsfr import aggregation_weights
 
     assert aggregation_weights([0.0, 0.0], [100, 300], "size") == [0.25, 0.75]
     e = [math.exp(v) for v in (1.0, 2.0, 3.0)]
@@ -243,7 +242,7 @@ def test_aggregation_weights_by_hand():
 
 @pytest.mark.parametrize("rule", ["size", "loss-softmax", "fedlol"])
 def test_running_weighted_updates_equal_the_explicit_weighted_sum(rule):
-    from semfl.methods.fedsfr import WeightedUpdates, aggregation_weights
+    from semfl.methods.fedsfr.fedsfr import WeightedUpdates, aggregation_weights
 
     gen = torch.Generator().manual_seed(4)
     updates = [{"w": torch.randn(3, 2, generator=gen)} for _ in range(4)]
@@ -267,9 +266,9 @@ def test_a_budget_too_small_for_one_image_sends_none_and_the_round_goes_on(base)
 
 def test_learning_rates_decay_by_the_schedule(base, monkeypatch):
     """fedsfr.lr_decay: the users' and the FR learning rate x decay ** ((round - 1) // every)."""
-    import semfl.methods.fedsfr as fedsfr_module
+    import semfl.methods.fedsfr.fedsfr as fedsfr_module
     import semfl.training as training
-    from semfl.methods.fedsfr import FedSFROptions, lr_factor
+    from semfl.methods.fedsfr.fedsfr import FedSFROptions, lr_factor
 
     options = FedSFROptions(lr_decay=0.9, lr_decay_every=10)
     assert [lr_factor(options, r) for r in (1, 10, 11, 20, 21)] == pytest.approx([1, 1, 0.9, 0.9, 0.81])

@@ -7,15 +7,15 @@ import torch
 from torch.nn import functional as F
 
 from conftest import local_method, whole_and_resumed
-from semfl.codecs import Payload
-from semfl.codecs.base import META_BITS
+from semfl.wireless.codecs import Payload
+from semfl.wireless.codecs.base import META_BITS
 from semfl.config import ConfigError, load_config
 from semfl.methods.common import build_semantic_model
 from semfl.methods.finefed import FineFed, receivers_of, senders_of
-from semfl.runtime import seeding
-from semfl.runtime.checkpoint import read_jsonl
-from semfl.runtime.local import LocalTransport
-from semfl.runtime.run import Runner, build_context
+from semfl.protocol import seeding
+from semfl.files import read_jsonl
+from semfl.runtimes.local import LocalTransport
+from semfl.runtimes.run import Runner, build_context
 from semfl.metrics import psnr_per_image
 from semfl.training import load_weights, snr_tensor
 
@@ -35,7 +35,7 @@ def test_receivers_follow_the_authors_topology_and_never_include_the_sender():
 @pytest.mark.parametrize("arch", ["jscc", "csc"])
 def test_halves_partition_the_model_and_compose_to_its_forward(arch):
     cfg = load_config(None, ["scale=tiny", f"model.arch={arch}"])
-    from semfl.channel import make_channel
+    from semfl.wireless.channel import make_channel
     from semfl.models import ImageSpec, build_model
 
     model = build_model(arch, "tiny", ImageSpec(1, 28, 28, 10), make_channel(cfg.channel))

@@ -8,17 +8,17 @@ import torch
 
 pytest.importorskip("flwr")
 
-from semfl.codecs import Payload  # noqa: E402
+from semfl.wireless.codecs import Payload  # noqa: E402
 from semfl.config import load_config  # noqa: E402
 from conftest import method_overrides  # noqa: E402
 from semfl.methods import available_methods  # noqa: E402
-from semfl.privacy import MaskedUpdate  # noqa: E402
-from semfl.runtime.checkpoint import read_jsonl  # noqa: E402
-from semfl.runtime.flower_loopback import LoopbackGrid  # noqa: E402
-from semfl.runtime.flower_node import UserStateStore, make_client_app  # noqa: E402
-from semfl.runtime.flower_server import FlowerTransport, flower_transport, resolve_run_config  # noqa: E402
-from semfl.runtime.run import Runner  # noqa: E402
-from semfl.runtime.wire import kind_of, message_type, payload_to_record, record_to_payload  # noqa: E402
+from semfl.methods.psfl.privacy import MaskedUpdate  # noqa: E402
+from semfl.files import read_jsonl  # noqa: E402
+from flower_loopback import LoopbackGrid  # noqa: E402
+from semfl.runtimes.flower.node import UserStateStore, make_client_app  # noqa: E402
+from semfl.runtimes.flower.server import FlowerTransport, flower_transport, resolve_run_config  # noqa: E402
+from semfl.runtimes.run import Runner  # noqa: E402
+from semfl.runtimes.flower.wire import kind_of, message_type, payload_to_record, record_to_payload  # noqa: E402
 
 CLIENT_APP = make_client_app()
 VOLATILE = ("wall_s", "missing_users")
@@ -149,7 +149,7 @@ def test_dead_node_is_logged_and_training_goes_on(method, flower_overrides, tmp_
 
 
 def test_no_node_answering_stops_the_run(flower_overrides, tmp_path):
-    from semfl.runtime.run import RunError
+    from semfl.runtimes.run import RunError
 
     overrides = flower_overrides + ["method=fedavg"]
     cfg = load_config(None, overrides)
@@ -172,7 +172,7 @@ def test_no_node_answering_stops_the_run(flower_overrides, tmp_path):
 def test_every_node_failing_names_the_users_and_the_cause(flower_overrides, tmp_path):
     """A deterministic failure (every node's data-root is wrong) must surface in the error, not
     only in the log, and resuming alone is not offered as the cure."""
-    from semfl.runtime.run import RunError
+    from semfl.runtimes.run import RunError
 
     overrides = flower_overrides + ["method=fedavg"]
     cfg = load_config(None, overrides)
@@ -215,7 +215,7 @@ def test_resume_after_base_station_crash_matches(flower_overrides, tmp_path):
 def test_node_rejects_a_message_for_another_user(flower_overrides, tmp_path):
     cfg = load_config(None, flower_overrides + ["method=fedavg"])
     grid = LoopbackGrid(CLIENT_APP, [{"user": k} for k in range(cfg.users)])
-    from semfl.link import Link
+    from semfl.wireless.link import Link
 
     transport = FlowerTransport(grid, cfg, Link(cfg.link, cfg.users, cfg.seed), tmp_path, log=lambda m: None)
     transport.node_of[0], transport.node_of[1] = transport.node_of[1], transport.node_of[0]

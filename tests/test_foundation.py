@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from semfl import foundation
+from semfl.methods import foundation
 from semfl.config import ConfigError, load_config
 from semfl.methods.common import build_semantic_model
-from semfl.runtime.run import build_context
+from semfl.runtimes.run import build_context
 from semfl.training import evaluate_semantic, load_weights
 
 
@@ -66,7 +66,7 @@ def test_foundation_learns_is_cached_and_reloaded(tiny_run):
 
 
 def test_foundation_weights_do_not_depend_on_the_callers_random_state(tiny_run):
-    from semfl.runtime import seeding
+    from semfl.protocol import seeding
 
     cfg, run, tmp = tiny_run
     trained = []
@@ -80,7 +80,7 @@ def test_foundation_weights_do_not_depend_on_the_callers_random_state(tiny_run):
 
 
 def test_psfl_mentors_start_from_the_foundation(tiny_run):
-    from semfl.methods.psfl import PSFL
+    from semfl.methods.psfl.psfl import PSFL
 
     cfg, run, _ = tiny_run
     foundation._MEMO.clear()
@@ -112,8 +112,8 @@ def test_global_model_from_the_foundation_only_when_asked(fmnist_root, tmp_path)
 
 
 def test_psfl_metrics_do_not_depend_on_whether_the_foundation_was_cached(fmnist_root, tmp_path):
-    from semfl.runtime.checkpoint import read_jsonl
-    from semfl.runtime.run import Runner
+    from semfl.files import read_jsonl
+    from semfl.runtimes.run import Runner
 
     overrides = [f"data.root={fmnist_root}", f"classifier.cache_dir={tmp_path / 'cache'}", "scale=tiny",
                  "data.download=false", "data.test_samples=50", "classifier.epochs=2", "method=psfl", "users=2",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from semfl.channel import Channel
+from semfl.wireless.channel import Channel
 from semfl.models import ImageSpec, available_archs, build_model
 from semfl.models.gsc import GSC_PRESETS, count_parameters, load_mae_checkpoint, mae_loss, pretrain_mae
 from semfl.models.vit import get_2d_sincos_pos_embed, patchify, random_masking, unpatchify

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from semfl.config import LinkConfig
-from semfl.link import Link, db_to_linear, rate_bps, round_totals
+from semfl.wireless.link import Link, db_to_linear, rate_bps, round_totals
 
 LOG2_11 = math.log2(11.0)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from semfl.channel import Channel
+from semfl.wireless.channel import Channel
 from semfl.models import SHARED, ImageSpec, available_archs, build_model
 from semfl.models.catalogue import count, model_table
 from semfl.models.channel_codec import ChannelCodec
@@ -81,7 +81,7 @@ def test_per_sample_snr(arch, channel):
 @pytest.mark.parametrize("arch", ["csc", "jscc"])
 def test_higher_snr_means_closer_channel_output(arch):
     # The channel sits between X and C: with no noise C is a deterministic function of S.
-    from semfl.channel import seed_channels
+    from semfl.wireless.channel import seed_channels
 
     model = _model(arch, MNIST, Channel("awgn")).eval()
     images = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(4))

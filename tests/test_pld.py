@@ -8,11 +8,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from semfl.channel import Channel, seed_channels
+from semfl.wireless.channel import Channel, seed_channels
 from semfl.config import TrainConfig
 from semfl.models import ImageSpec, SemanticOutput, build_model
-from semfl.pld import PLDLosses, pld_losses, pld_step, pld_train
-from semfl.pruning import magnitude_masks
+from semfl.methods.psfl.pld import PLDLosses, pld_losses, pld_step, pld_train
+from semfl.methods.psfl.agp import magnitude_masks
 from semfl.training import make_optimizer, weights_of
 
 B, CLASSES = 3, 3

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from semfl.config import ConfigError, TrainConfig, load_config
-from semfl.runtime.checkpoint import read_jsonl
-from semfl.runtime.run import Runner
+from semfl.files import read_jsonl
+from semfl.runtimes.run import Runner
 from semfl.training import autocast, local_train
 
 
@@ -52,7 +52,7 @@ def test_channel_gets_complex64_symbols_under_bf16(arch):
 
 
 def _tiny_model_and_data():
-    from semfl.channel import make_channel
+    from semfl.wireless.channel import make_channel
     from semfl.config import ChannelConfig
     from semfl.models import ImageSpec, build_model
 
@@ -111,7 +111,7 @@ def test_pld_in_bf16_tracks_fp32_and_its_kl_stays_fp32(monkeypatch):
     import test_pld  # the PLD tests' tiny mentor (GSC-M, a ViT) / student (CSC) / classifier / images
 
     from semfl.models import vit
-    from semfl.pld import _kl_to, pld_train
+    from semfl.methods.psfl.pld import _kl_to, pld_train
 
     attention_dtypes = []
     sdpa = vit.F.scaled_dot_product_attention

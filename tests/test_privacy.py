@@ -3,10 +3,7 @@ import math
 import pytest
 import torch
 
-from semfl.privacy import (
-    DPConfig, MaskedUpdate, PrivacyAccountant, SecAggConfig, add_gaussian_noise, clip_update,
-    mask_update, masked_bits, noise_std, privatize, secure_aggregate, unmask_sum, update_norm,
-)
+from semfl.methods.psfl.privacy import DPConfig, MaskedUpdate, PrivacyAccountant, SecAggConfig, add_gaussian_noise, clip_update, mask_update, masked_bits, noise_std, privatize, secure_aggregate, unmask_sum, update_norm
 
 try:
     import dp_accounting

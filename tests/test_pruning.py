@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from semfl.codecs import get_codec
-from semfl.pruning import apply, magnitude_masks, prunable, prune_ratio, sparsity, update_masks
+from semfl.wireless.codecs import get_codec
+from semfl.methods.psfl.agp import apply, magnitude_masks, prunable, prune_ratio, sparsity, update_masks
 
 
 def _weights(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -6,11 +6,11 @@ import torch
 
 from semfl.cli import main
 from semfl.config import ConfigError, load_config
-from semfl.methods.psfl import PSFLOptions, choose_mentors
+from semfl.methods.psfl.psfl import PSFLOptions, choose_mentors
 from semfl.models.gsc import load_mae_checkpoint
-from semfl.pruning import prune_ratio
-from semfl.runtime.checkpoint import read_jsonl
-from semfl.runtime.run import Runner
+from semfl.methods.psfl.agp import prune_ratio
+from semfl.files import read_jsonl
+from semfl.runtimes.run import Runner
 
 TABLE_I = [1854, 3703, 4429, 4783, 5467, 5634, 5891, 8958, 9281]
 
@@ -61,7 +61,7 @@ def plain_run(tmp_path_factory, fmnist_root):
 
 def test_agp_ratio_follows_eq26_and_bits_fall(plain_run):
     _, cfg, rows, _ = plain_run
-    from semfl.link import Link
+    from semfl.wireless.link import Link
 
     link = Link(cfg.link, cfg.users, cfg.seed)
     globals_ = {r["round"]: r for r in rows if r["scope"] == "global" and r["round"] > 0}
@@ -81,7 +81,7 @@ def test_agp_ratio_follows_eq26_and_bits_fall(plain_run):
 
 
 def _student(cfg):
-    from semfl.channel import Channel
+    from semfl.wireless.channel import Channel
     from semfl.models import ImageSpec, build_model
 
     return build_model("csc", cfg.scale, ImageSpec(1, 28, 28, 10), Channel("awgn"))
@@ -99,11 +99,12 @@ def test_mentor_and_student_rows(plain_run):
 
 def test_masked_weights_stay_zero_in_user_update(plain_run):
     """A user handler keeps the broadcast mask: its update is zero wherever the model was pruned."""
-    from semfl.codecs import Payload
-    from semfl.methods.psfl import PSFL
-    from semfl.pruning import apply, magnitude_masks, prunable
-    from semfl.runtime.local import LocalTransport, UserContext
-    from semfl.runtime.run import build_context
+    from semfl.wireless.codecs import Payload
+    from semfl.methods.psfl.psfl import PSFL
+    from semfl.methods.psfl.agp import apply, magnitude_masks, prunable
+    from semfl.runtimes.local import LocalTransport
+    from semfl.protocol.context import UserContext
+    from semfl.runtimes.run import build_context
 
     overrides, cfg, _, tmp = plain_run
     cfg = load_config(None, overrides + ["method=psfl", "users=3"])
@@ -145,7 +146,7 @@ def test_secure_aggregation_matches_plain_sum(plain_run):
 
 def test_dp_reports_growing_epsilon(plain_run):
     overrides, _, _, tmp = plain_run
-    from semfl.privacy import PrivacyAccountant
+    from semfl.methods.psfl.privacy import PrivacyAccountant
 
     # 2 of the 3 users per round: a fixed-size draw, which the accountant may not treat as Poisson
     # sampling at q = 2/3, so ε must be that of every round with q = 1
@@ -171,7 +172,7 @@ def test_pretrain_cli_writes_loadable_mae_checkpoint(plain_run, capsys):
     state = torch.load(out, weights_only=False)
     assert state["losses"][1] < state["losses"][0]
     assert "blocks.0.attn.qkv.weight" in state["model"]
-    from semfl.channel import Channel
+    from semfl.wireless.channel import Channel
     from semfl.models import ImageSpec, build_model
 
     fresh = build_model(state["arch"], "tiny", ImageSpec(1, 28, 28, 10), Channel("awgn"))

@@ -8,9 +8,9 @@ import pytest
 
 from semfl.cli import main
 from semfl.config import load_config
-from semfl.runtime.checkpoint import read_jsonl
-from semfl.runtime.local import LocalTransport
-from semfl.runtime.run import Runner
+from semfl.files import read_jsonl
+from semfl.runtimes.local import LocalTransport
+from semfl.runtimes.run import Runner
 
 REQUIRED_LINK = ("uplink_bits", "downlink_bits", "uplink_energy_j", "downlink_energy_j", "uplink_delay_s", "snr_db")
 

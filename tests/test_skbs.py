@@ -10,13 +10,13 @@ import torch
 from torch.nn import functional as F
 
 from conftest import local_method, vq_overrides, whole_and_resumed
-from semfl.channel import make_channel
-from semfl.codecs import Payload
+from semfl.wireless.channel import make_channel
+from semfl.wireless.codecs import Payload
 from semfl.config import ConfigError, load_config
-from semfl.methods.skbs import SKBS, mutual_distillation
-from semfl.runtime import seeding
-from semfl.runtime.checkpoint import read_jsonl
-from semfl.runtime.run import Runner
+from semfl.methods.fedsfr.skbs import SKBS, mutual_distillation
+from semfl.protocol import seeding
+from semfl.files import read_jsonl
+from semfl.runtimes.run import Runner
 from semfl.training import batches, reconstruction_loss, snr_tensor
 
 

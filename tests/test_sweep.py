@@ -11,11 +11,11 @@ import pytest
 
 from semfl.cli import main
 from semfl.config import ConfigError, load_config
-from semfl.report.compare import group_runs, load_runs, summarise
-from semfl.runtime.checkpoint import read_jsonl
-from semfl.runtime.local import LocalTransport
-from semfl.runtime.run import Runner
-from semfl.sweep import load_sweep
+from semfl.experiments.compare import group_runs, load_runs, summarise
+from semfl.files import read_jsonl
+from semfl.runtimes.local import LocalTransport
+from semfl.runtimes.run import Runner
+from semfl.experiments.sweep import load_sweep
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "psfl"
 

@@ -8,11 +8,11 @@ import torch
 from torch.nn import functional as F
 
 from semfl import metrics
-from semfl.channel import Channel, seed_channels
+from semfl.wireless.channel import Channel, seed_channels
 from semfl.config import TrainConfig
 from semfl.models import ImageSpec, build_model
 from semfl.models.classifier import ResNetClassifier
-from semfl.training import (RunningAverage, apply_masks, clone_weights, evaluate_semantic, load_weights,
+from semfl.training import (RunningAverage, apply_masks, evaluate_semantic, load_weights,
                             local_train, reconstruction_loss, weights_of)
 
 SPEC = ImageSpec(1, 28, 28, 2)
@@ -110,15 +110,6 @@ def test_weights_of_and_load_weights_round_trip_in_place():
     name = next(iter(w0))
     load_weights(model, {name: torch.zeros_like(w0[name])})
     assert float(dict(model.named_parameters())[name].detach().abs().sum()) == 0.0
-
-
-def test_clone_weights_is_a_copy():
-    model = _model(0)
-    state = clone_weights(model)
-    with torch.no_grad():
-        next(model.parameters()).add_(1.0)
-    first = next(iter(dict(model.named_parameters())))
-    assert not torch.equal(state[first], dict(model.named_parameters())[first].detach())
 
 
 # ---------------------------------------------------------------- local training

@@ -12,10 +12,10 @@ import torch
 from semfl.config import ConfigError, load_config
 from conftest import method_overrides
 from semfl.methods import available_methods
-from semfl.runtime.checkpoint import read_jsonl
-from semfl.runtime.local import LocalTransport, UserStates
-from semfl.runtime.run import Runner
-from semfl.runtime.workers import resolve_workers, serve_users, usable_cpus
+from semfl.files import read_jsonl
+from semfl.runtimes.local import LocalTransport, UserStates
+from semfl.runtimes.run import Runner
+from semfl.runtimes.workers import resolve_workers, serve_users, usable_cpus
 
 
 @pytest.fixture
@@ -256,7 +256,7 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     script = tmp_path / "parent.py"
     script.write_text(
         "import os, threading, time\n"
-        "from semfl.runtime.workers import serve_users\n"
+        "from semfl.runtimes.workers import serve_users\n"
         "def report():\n"
         "    time.sleep(1.0)\n"
         "    kids = [p for t in os.listdir('/proc/self/task') for p in open(f'/proc/self/task/{t}/children').read().split()]\n"
@@ -285,7 +285,7 @@ def test_workers_die_with_a_killed_parent(tmp_path):
 
 
 def test_a_machine_with_a_gpu_refuses_workers(monkeypatch):
-    from semfl.link import Link  # noqa: F401 - the transport's link is not used before the check
+    from semfl.wireless.link import Link  # noqa: F401 - the transport's link is not used before the check
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ValueError, match="this machine has a GPU"):

@@ -15,7 +15,7 @@ def _default_out(config: str | None, cfg) -> Path:
 
 
 def cmd_run(args) -> int:
-    from semfl.runtime.run import Runner
+    from semfl.runtimes.run import Runner
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else _default_out(args.config, cfg)
@@ -49,7 +49,7 @@ def cmd_data(args) -> int:
 
 def cmd_report(args) -> int:
     from semfl.report import write_run_report
-    from semfl.runtime.run import RunError
+    from semfl.runtimes.run import RunError
 
     if not (Path(args.run_dir) / "metrics.jsonl").is_file():
         raise RunError(f"report: {args.run_dir} is not a run directory (it has no metrics.jsonl)")
@@ -96,7 +96,7 @@ _EXTRA_COMMANDS: list = []
 
 def main(argv: list[str] | None = None) -> int:
     from semfl.data import DataError
-    from semfl.runtime.run import RunError
+    from semfl.runtimes.run import RunError
 
     args = build_parser().parse_args(argv)
     try:
@@ -114,13 +114,13 @@ def cmd_pretrain(args) -> int:
     """MAE-pretrain one user's mentor on that user's own data; save it in MAE's checkpoint layout."""
     import torch
 
-    from semfl.channel import make_channel
-    from semfl.methods.psfl import choose_mentors
+    from semfl.wireless.channel import make_channel
+    from semfl.methods.psfl.psfl import choose_mentors
     from semfl.models import build_model
     from semfl.models.gsc import pretrain_mae
-    from semfl.runtime import seeding
-    from semfl.runtime.checkpoint import atomic_write
-    from semfl.runtime.run import prepare_data
+    from semfl.protocol import seeding
+    from semfl.files import atomic_write
+    from semfl.runtimes.run import prepare_data
 
     cfg = load_config(args.config, args.set)
     dataset, parts, _ = prepare_data(cfg)
@@ -154,7 +154,7 @@ _EXTRA_COMMANDS.append(_register_pretrain)
 
 
 def _register_sweep_and_compare(sub) -> None:
-    from semfl import sweep  # light: matplotlib and torch load only when a command runs
+    from semfl.experiments import sweep  # light: matplotlib and torch load only when a command runs
 
     sweep.register(sub)
     sweep.register_compare(sub)
@@ -164,7 +164,7 @@ _EXTRA_COMMANDS.append(_register_sweep_and_compare)
 
 
 def _register_bench(sub) -> None:
-    from semfl import bench  # light: torch loads when the module does, only semfl.bench's own imports
+    from semfl.experiments.bench import bench  # light: torch loads when the module does, only semfl.bench's own imports
 
     bench.register(sub)
 
@@ -173,7 +173,7 @@ _EXTRA_COMMANDS.append(_register_bench)
 
 
 def _register_deploy(sub) -> None:
-    from semfl import deploy
+    from semfl.runtimes.flower import deploy
 
     deploy.register(sub)
 

@@ -126,10 +126,6 @@ def evaluate_semantic(model: nn.Module, classifier: nn.Module, x: torch.Tensor, 
     return out
 
 
-def clone_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 class RunningAverage:
     """Weighted running mean of state dicts: one accumulator, not K held updates."""
 

@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from semfl.data.sources import IDX_FILES, LAYOUTS, DataError, canonical_name
+from semfl.data.layouts import IDX_FILES, LAYOUTS, DataError, canonical_name
 
 
 @dataclass(frozen=True)

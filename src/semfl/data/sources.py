@@ -19,39 +19,12 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from semfl.models.base import ImageSpec
+    from semfl.data.spec import ImageSpec
 
 
-class DataError(Exception):
-    """A dataset cannot be found, downloaded or decoded; the message names the file or value at fault."""
-
-
-DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-
-# canonical name -> (sub-folder holding the files, required files, number of classes)
-IDX_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
+from semfl.data.layouts import (  # noqa: F401  (part of this module's interface)
+    CIFAR10_FILES, CIFAR100_FILES, DEBIAN_FASHION_MNIST, IDX_FILES, LAYOUTS, DataError, canonical_name,
 )
-CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
-CIFAR100_FILES = ("train", "test")
-LAYOUTS: dict[str, tuple[str, tuple[str, ...], int]] = {
-    "fashion-mnist": ("", IDX_FILES, 10),
-    "mnist": ("", IDX_FILES, 10),
-    "cifar10": ("cifar-10-batches-py", CIFAR10_FILES, 10),
-    "cifar100": ("cifar-100-python", CIFAR100_FILES, 100),
-}
-_ALIASES = {
-    "fashion_mnist": "fashion-mnist",
-    "fashionmnist": "fashion-mnist",
-    "fmnist": "fashion-mnist",
-    "cifar-10": "cifar10",
-    "cifar_10": "cifar10",
-    "cifar-100": "cifar100",
-    "cifar_100": "cifar100",
-}
 
 
 @dataclass
@@ -66,21 +39,10 @@ class ImageDataset:
     @property
     def spec(self) -> ImageSpec:
         # imported here so the data package does not depend on the models package importing cleanly
-        from semfl.models.base import ImageSpec
+        from semfl.data.spec import ImageSpec
 
         _, c, h, w = self.train_x.shape
         return ImageSpec(channels=c, height=h, width=w, num_classes=self.num_classes)
-
-
-def canonical_name(name: str) -> str:
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in LAYOUTS:
-        raise DataError(f"unknown dataset {name!r}; known: {', '.join(LAYOUTS)}")
-    return key
-
-
-# ---------------------------------------------------------------- locating files
 
 
 def _idx_path(directory: Path, stem: str) -> Path | None:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from semfl.channel import make_channel
-from semfl.methods.base import RunContext
+from semfl.wireless.channel import make_channel
+from semfl.protocol.method import RunContext
 from semfl.models import build_model
 
 
@@ -48,8 +48,8 @@ def snr_sweep(run: RunContext, models: dict[str, nn.Module]) -> dict[str, dict[s
     """Each model's test metrics at every eval.snr_sweep SNR on its own channel and then, labelled
     'model (kind)', on each eval.sweep_channels kind (the model's channel swapped for the sweep).
     Each SNR point is seeded, so models and channels are compared on the same random draws."""
-    from semfl.channel import Channel
-    from semfl.runtime import seeding
+    from semfl.wireless.channel import Channel
+    from semfl.protocol import seeding
     from semfl.training import evaluate_semantic
 
     def sweep(model):
@@ -77,7 +77,7 @@ def finish_semantic(run: RunContext, models: dict[str, nn.Module], out_dir) -> d
     from pathlib import Path
 
     from semfl.report import plots
-    from semfl.runtime.checkpoint import atomic_text
+    from semfl.files import atomic_text
 
     out_dir = Path(out_dir)
     if run.cfg.eval.grid_images:
@@ -153,7 +153,7 @@ def send_and_average(transport, users, request, like: dict, weight=None):
         average.add(reply.tensors, reply.meta["num_samples"] if weight is None else weight(reply))
         metas[user] = reply.meta
 
-    send = getattr(transport, "send_batched", transport.send)
+    send = transport.send_batched
     send(users, "train", request, on_reply=collect)
     return average.result(like), metas
 

@@ -5,10 +5,10 @@ from typing import Any
 
 import torch
 
-from semfl.codecs import Payload
-from semfl.foundation import start_from_foundation
-from semfl.methods.base import Method, register_method
-from semfl.runtime.local import UserContext
+from semfl.wireless.codecs import Payload
+from semfl.methods.foundation import start_from_foundation
+from semfl.protocol.method import Method, register_method
+from semfl.protocol.context import UserContext
 from semfl.training import evaluate_semantic, load_weights, local_train, weights_of
 from semfl.methods.common import build_semantic_model, finish_semantic, loss_rows, reply_meta, send_and_average, train_snr
 
@@ -31,7 +31,7 @@ class FedAvg(Method):
 
     def use_vmap(self) -> bool:
         """train.vmap: on / off / auto (on for cuda; off on cpu, where it measured slower)."""
-        from semfl.batched import supported
+        from semfl.methods.batched import supported
 
         mode = self.cfg.train.vmap
         if mode == "off" or (mode == "auto" and self.run.device.type != "cuda"):
@@ -45,7 +45,7 @@ class FedAvg(Method):
 
     def users_train_batched(self, contexts: list[UserContext], payloads: list[Payload]) -> list[Payload]:
         """The "train" handler for a group of users at once (torch.func.vmap; same result as user_train)."""
-        from semfl.batched import train_users_vmap
+        from semfl.methods.batched import train_users_vmap
 
         replies = []
         chunk = self.cfg.train.vmap_users

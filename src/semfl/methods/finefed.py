@@ -46,13 +46,13 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from semfl.codecs import Payload
+from semfl.wireless.codecs import Payload
 from semfl.config import ConfigError, register_table
-from semfl.methods.base import register_method
+from semfl.protocol.method import register_method
 from semfl.methods.common import build_semantic_model, finish_semantic, train_snr
 from semfl.methods.fedavg import FedAvg
-from semfl.runtime import seeding
-from semfl.runtime.local import UserContext
+from semfl.protocol import seeding
+from semfl.protocol.context import UserContext
 from semfl.training import batches, evaluate_semantic, load_weights, snr_tensor, weights_of
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from semfl.data.spec import ImageSpec  # noqa: F401  (models describe their input with it)
+
 
 @dataclass
 class SemanticOutput:
@@ -20,14 +22,6 @@ class SemanticOutput:
     C: torch.Tensor  # channel-decoder output (B, tokens, semantic_dim)
     recon: torch.Tensor  # reconstruction in [0, 1], same shape as the input image
     aux: torch.Tensor | None = None  # a model's own training-loss term (VQ codeword usage), added by local_train
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    channels: int
-    height: int
-    width: int
-    num_classes: int
 
 
 class SemanticModel(nn.Module):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from semfl.channel import Channel
+from semfl.wireless.channel import Channel
 from semfl.models.base import ImageSpec
 from semfl.models.classifier import CLASSIFIER_PRESETS, ResNetClassifier
 from semfl.models.registry import available_archs, build_model

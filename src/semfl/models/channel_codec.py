@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from semfl.channel import power_normalize
+from semfl.wireless.channel import power_normalize
 
 
 class ChannelCodec(nn.Module):

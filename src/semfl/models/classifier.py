@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from semfl.models.base import ImageSpec
 from semfl.models.blocks import BasicBlock, Bottleneck, resnet_stages
-from semfl.runtime.checkpoint import atomic_write, cache_lock
+from semfl.files import atomic_write, cache_lock
 
 DEPTHS = {
     8: (BasicBlock, (1, 1, 1)),  # CIFAR-style 3-stage ResNet

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from semfl.channel import power_normalize
+from semfl.wireless.channel import power_normalize
 from semfl.models.base import ImageSpec, SemanticModel, SemanticOutput
 from semfl.models.registry import Shared, register_arch
 

@@ -39,7 +39,6 @@ def register_arch(name: str) -> Callable[[Factory], Factory]:
 
 
 def available_archs() -> list[str]:
-    _load_families()
     return sorted(_ARCHS)
 
 
@@ -51,7 +50,6 @@ def shared_for(scale: str, semantic_dim: int = 0, symbols_per_token: int = 0) ->
 
 def build_model(arch: str, scale: str, spec: ImageSpec, channel: nn.Module,
                 semantic_dim: int = 0, symbols_per_token: int = 0) -> SemanticModel:
-    _load_families()
     if arch not in _ARCHS:
         raise ValueError(f"model.arch: unknown model {arch!r} (allowed: {', '.join(sorted(_ARCHS))})")
     if scale not in SHARED:
@@ -59,15 +57,3 @@ def build_model(arch: str, scale: str, spec: ImageSpec, channel: nn.Module,
     if spec.height % SHARED[scale].patch or spec.width % SHARED[scale].patch:
         raise ValueError(f"image size {spec.height}x{spec.width} is not a multiple of the patch {SHARED[scale].patch}")
     return _ARCHS[arch](scale, spec, channel, shared_for(scale, semantic_dim, symbols_per_token))
-
-
-def _load_families() -> None:
-    # importing a family module registers it
-    import semfl.models.csc  # noqa: F401
-    import semfl.models.jscc  # noqa: F401
-    import semfl.models.vqjscc  # noqa: F401
-    try:
-        import semfl.models.gsc  # noqa: F401
-    except ModuleNotFoundError as exc:  # GSC mentors live in their own module
-        if exc.name != "semfl.models.gsc":
-            raise

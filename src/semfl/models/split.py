@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from semfl.channel import power_normalize
+from semfl.wireless.channel import power_normalize
 
 FEATURE_DIM = 64  # paper: encoder output dimension 64 -> 32 complex symbols
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from semfl.report import plots
-from semfl.runtime.checkpoint import atomic_text, read_jsonl
+from semfl.files import atomic_text, read_jsonl
 
 GLOBAL_KEYS = ("loss", "accuracy", "psnr_db", "ssim")
 ROUND_KEYS = ("prune_ratio", "uplink_bits", "uplink_energy_j", "downlink_energy_j", "objective", "epsilon")

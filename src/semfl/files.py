@@ -1,0 +1,63 @@
+"""Files that survive a crash: atomic writes (temporary file in the same folder, fsync, rename),
+cache locks and JSON-lines logs. The ground floor: imports nothing of semfl."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@contextmanager
+def cache_lock(path: Path):
+    """Hold an exclusive lock beside a cache file while checking and filling it, so parallel runs
+    (sweep --jobs, Flower nodes on one host) train a cached model once instead of racing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def atomic_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda h: h.write(text), mode="w")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line torn by a crash ends the valid part
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_text(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -1,6 +1,0 @@
-"""The Flower App components named in pyproject.toml ([tool.flwr.app.components])."""
-from semfl.runtime.flower_node import make_client_app
-from semfl.runtime.flower_server import make_server_app
-
-client_app = make_client_app()
-server_app = make_server_app()

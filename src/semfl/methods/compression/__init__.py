@@ -1,0 +1,1 @@
+"""Compression contenders of PSFL: FedAvg with compressed uplinks (STC, FTTQ, FedPAQ, top-k)."""

@@ -1,0 +1,1 @@
+"""The FedSFR family: FedSFR (digital VQ-JSCC with feature regularisation), SKBS and FedSFD."""

@@ -1,0 +1,1 @@
+"""The protocol floor of federated learning: what methods and transports agree on (UserContext, handlers, the Transport protocol, the Method contract), seeding and checkpoint I/O. Imports nothing of semfl above wireless, data and models."""

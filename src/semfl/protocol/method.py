@@ -1,0 +1,94 @@
+"""What a method is: a base-station loop plus user handlers, talking only through a transport.
+
+Methods register themselves by name (``register_method``); ``semfl.methods`` imports every module
+under it, so the registry is complete once that package is imported."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from semfl.config import Config
+from semfl.data import ImageDataset
+from semfl.wireless.link import Link
+from semfl.models import ImageSpec
+from semfl.protocol.transport import Transport
+
+_METHODS: dict[str, type["Method"]] = {}
+
+
+def register_method(cls: type["Method"]) -> type["Method"]:
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def methods_registered() -> dict[str, type["Method"]]:
+    """Name -> class of every method registered so far (``semfl.methods`` imports them all)."""
+    return dict(_METHODS)
+
+
+@dataclass
+class RunContext:
+    """Everything a method may use that is not the transport."""
+
+    cfg: Config
+    data: ImageDataset
+    spec: ImageSpec
+    parts: list  # per-user index arrays into data.train_*
+    classifier: torch.nn.Module
+    link: Link
+    device: torch.device
+    test_x: torch.Tensor  # evaluation subset, on the device
+    test_y: torch.Tensor
+    out_dir: Path | None = None
+    log: Callable[[str], None] = print
+
+    @property
+    def user_sizes(self) -> list[int]:
+        return [len(p) for p in self.parts]
+
+
+class Method:
+    """Subclasses set `name` and implement handlers(), run_round() and evaluate()."""
+
+    name = "method"
+    # request kinds its user handlers serve (names of Flower query actions when not train/evaluate)
+    user_kinds: tuple[str, ...] = ("train",)
+    # train.precision values its training honours (split methods send features/gradients: fp32)
+    precisions: tuple[str, ...] = ("fp32", "bf16")
+
+    def __init__(self, run: RunContext, transport: Transport):
+        self.run = run
+        self.cfg = run.cfg
+        self.transport = transport
+
+    def handlers(self) -> dict[str, Callable]:
+        raise NotImplementedError
+
+    def run_round(self, round_: int, users: list[int]) -> dict[str, Any]:
+        """One communication round; returns round-level fields for the global metrics row."""
+        raise NotImplementedError
+
+    def evaluate(self, round_: int) -> list[dict[str, Any]]:
+        """Metric rows (scope global / user) for the current models."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def finish(self, out_dir: Path) -> dict[str, Any]:
+        """Artifacts after the last round (figures, sweeps); returns summary fields."""
+        return {}
+
+
+def bind(method_cls: type[Method], run: RunContext, transport: Transport,
+         on_user_done: Callable[[int], None] | None = None) -> Method:
+    """A method talking through ``transport``: build it, then hand its user handlers to the transport."""
+    method = method_cls(run, transport)
+    transport.bind(method.handlers(), on_user_done)
+    return method

@@ -1,1 +1,0 @@
-"""Runtimes: the local in-process transport, checkpoints, and the run loop."""

@@ -1,0 +1,77 @@
+"""The two halves of a method share nothing at run time: every user handler, replayed on a method
+instance that has never run a round (what a Flower node builds), gives the same reply and leaves the
+same user state as it did inside a running base station. A handler that reads base-station state
+(a model the loop trained, a round counter, a cached mask) fails here instead of on a deployment."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import method_overrides
+from semfl.config import load_config
+from semfl.methods import available_methods, get_method
+from semfl.protocol import seeding
+from semfl.protocol.context import UserContext
+from semfl.runtimes.local import LocalTransport
+from semfl.runtimes.run import Runner, build_context
+
+
+def _same(a, b) -> bool:
+    """Exact equality of nested tensors / dicts / lists / plain values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b or (a != a and b != b)  # NaN equals NaN here
+
+
+def _record(calls: list, kind: str, handler):
+    def recorded(ctx: UserContext, payload):
+        before = copy.deepcopy(ctx.state)
+        request = copy.deepcopy(payload)
+        reply = handler(ctx, payload)
+        calls.append((kind, dataclasses.replace(ctx, state=before), request, copy.deepcopy(reply),
+                      copy.deepcopy(ctx.state)))
+        return reply
+    return recorded
+
+
+@pytest.mark.parametrize("method", sorted(available_methods()))
+def test_user_handlers_need_nothing_from_the_base_station(method, tiny_overrides, tmp_path, monkeypatch):
+    overrides = tiny_overrides + method_overrides(method) + [
+        "rounds=2", "users=3", "eval.grid_images=0", "eval.snr_sweep=[]", "classifier.epochs=1"]
+    if method == "finefed":
+        overrides += ["finefed.fedavg_rounds=1"]
+    cfg = load_config(None, overrides)
+    calls: list = []
+    bind = LocalTransport.bind
+
+    def recording_bind(self, handlers, on_user_done=None):
+        bind(self, {k: _record(calls, k, h) for k, h in handlers.items() if not k.endswith(":batched")},
+             on_user_done)
+
+    monkeypatch.setattr(LocalTransport, "bind", recording_bind)
+    Runner(cfg, tmp_path / "run", show_progress=False, log=lambda m: None).execute()
+    monkeypatch.setattr(LocalTransport, "bind", bind)
+    assert calls, f"{method}: no user handler ran"
+
+    # a fresh instance, built as a Flower node builds it: never ran a round, knows no user
+    seeding.enter(cfg.seed, "setup")
+    run, _ = build_context(cfg, None, log=lambda m: None, with_user_data=False)
+    seeding.enter(cfg.seed, "init")
+    fresh = get_method(method)(run, LocalTransport(run.link, [], cfg.seed, run.device, handlers={}))
+    handlers = fresh.handlers()
+    for kind, ctx, request, reply, state_after in calls:
+        ctx = dataclasses.replace(ctx, state=copy.deepcopy(ctx.state))
+        seeding.enter(ctx.seed)
+        again = handlers[kind](ctx, copy.deepcopy(request))
+        where = f"{method}: handler {kind!r} for user {ctx.user} in round {ctx.round}"
+        assert again.codec == reply.codec, where
+        assert _same(again.tensors, reply.tensors), f"{where}: another reply on a fresh instance"
+        assert _same(again.meta, reply.meta), f"{where}: other metadata on a fresh instance"
+        assert _same(ctx.state, state_after), f"{where}: another user state on a fresh instance"
