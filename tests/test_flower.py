@@ -18,7 +18,7 @@ from flower_loopback import LoopbackGrid  # noqa: E402
 from semfl.runtimes.flower.node import UserStateStore, make_client_app  # noqa: E402
 from semfl.runtimes.flower.server import FlowerTransport, flower_transport, resolve_run_config  # noqa: E402
 from semfl.runtimes.run import Runner  # noqa: E402
-from semfl.runtimes.flower.wire import kind_of, message_type, payload_to_record, record_to_payload  # noqa: E402
+from semfl.runtimes.flower.wire import FETCH_STATE, HELLO, kind_of, message_type, payload_to_record, record_to_payload  # noqa: E402
 
 CLIENT_APP = make_client_app()
 VOLATILE = ("wall_s", "missing_users")
@@ -91,20 +91,24 @@ def test_metadata_must_be_plain():
 
 
 def test_message_types():
-    assert message_type("train") == "train" and message_type("step") == "query.step"
-    assert kind_of("query.step") == "step" and kind_of("evaluate") == "evaluate"
+    assert message_type("train") == "train" and message_type("step") == "query"
+    assert message_type(HELLO) == f"query.{HELLO}"
+    assert kind_of("query", {"kind": "step"}) == "step" and kind_of("evaluate", {}) == "evaluate"
+    assert kind_of(f"query.{FETCH_STATE}", {}) == FETCH_STATE
     with pytest.raises(ValueError, match="identifier"):
         message_type("train:batched")
+    with pytest.raises(ValueError, match="name its request kind"):
+        kind_of("query", {})
 
 
-def test_client_app_serves_every_methods_kinds():
-    from semfl.methods import get_method
-
+def test_client_app_serves_any_request_kind():
+    """No list of kinds to keep: every method kind routes to the generic query handler."""
     registered = set(CLIENT_APP._registered_funcs)
-    for name in available_methods():
-        for kind in get_method(name).user_kinds:
-            full = message_type(kind) if "." in message_type(kind) else f"{kind}.default"
-            assert full in registered, (name, kind)
+    assert registered == {"train.default", "evaluate.default", "query.default", f"query.{HELLO}",
+                          f"query.{FETCH_STATE}"}
+    for kind in ("train", "evaluate", "step", "personalise", "features", "some_new_kind"):
+        full = message_type(kind)
+        assert (full if "." in full else f"{full}.default") in registered
 
 
 # ---------------------------------------------------------------- equivalence

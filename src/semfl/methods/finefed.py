@@ -121,7 +121,6 @@ def whole_set_psnr_db(mse: float) -> float:
 @register_method
 class FineFed(FedAvg):
     name = "finefed"
-    user_kinds = ("train", "personalise", "encode", "grad", "features", "decode")
     precisions = ("fp32",)  # symbols and their gradients cross the relay in fp32
 
     def __init__(self, run, transport):

@@ -54,8 +54,6 @@ class Method:
     """Subclasses set `name` and implement handlers(), run_round() and evaluate()."""
 
     name = "method"
-    # request kinds its user handlers serve (names of Flower query actions when not train/evaluate)
-    user_kinds: tuple[str, ...] = ("train",)
     # train.precision values its training honours (split methods send features/gradients: fp32)
     precisions: tuple[str, ...] = ("fp32", "bf16")
 

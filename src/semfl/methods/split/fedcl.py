@@ -88,7 +88,6 @@ def batch_sizes(num_samples: int, batch_size: int, epochs: int) -> list[int]:
 class FedCL(Method):
     name = "fedcl"
     precisions = ("fp32",)  # split learning: features and gradients cross the link in fp32
-    user_kinds = ("step",)
 
     def __init__(self, run, transport):
         super().__init__(run, transport)

@@ -145,7 +145,7 @@ def handle(message, context):
 
     payload, header = record_to_payload(message.content)
     user = node_user(context.node_config)
-    kind = kind_of(message.metadata.message_type)
+    kind = kind_of(message.metadata.message_type, header)
     if kind == HELLO:
         return Message(payload_to_record(Payload(), {"user": user}), reply_to=message)
     if header["user"] != user:
@@ -170,17 +170,14 @@ def handle(message, context):
 
 
 def make_client_app():
-    """The generic ClientApp: train, evaluate and query.<kind> for every method's user kinds."""
+    """The generic ClientApp: train, evaluate, semfl's own queries, and plain query for every other
+    request kind of any method (the kind travels in the header)."""
     from flwr.clientapp import ClientApp
-
-    from semfl.methods import available_methods, get_method
 
     app = ClientApp()
     app.train()(handle)
     app.evaluate()(handle)
-    kinds = {HELLO, FETCH_STATE}
-    for name in available_methods():
-        kinds.update(k for k in get_method(name).user_kinds if k not in ("train", "evaluate"))
-    for kind in sorted(kinds):
+    app.query()(handle)
+    for kind in (HELLO, FETCH_STATE):
         app.query(kind)(handle)
     return app

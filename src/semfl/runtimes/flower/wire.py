@@ -21,17 +21,28 @@ FETCH_STATE = "semfl_state"  # query: entries of a user's persistent state (eval
 
 
 def message_type(kind: str) -> str:
-    """A method's request kind as a Flower message type: train / evaluate, else query.<kind>."""
+    """A request kind as a Flower message type: train / evaluate as themselves, semfl's own queries
+    as query.<kind>, and every other method kind as plain ``query`` with the kind in the header, so
+    the ClientApp needs no list of the methods' kinds."""
     if kind in BUILTIN_CATEGORIES:
         return kind
-    if not kind.isidentifier():
-        raise ValueError(f"request kind {kind!r} cannot be a Flower message action (must be an identifier)")
-    return f"query.{kind}"
+    if kind in (HELLO, FETCH_STATE):
+        return f"query.{kind}"
+    if not kind.isidentifier():  # e.g. "train:batched": a local transport's way of serving, never sent
+        raise ValueError(f"request kind {kind!r} cannot cross the wire (must be an identifier)")
+    return "query"
 
 
-def kind_of(message_type_: str) -> str:
+def kind_of(message_type_: str, header: dict[str, Any]) -> str:
+    """The request kind of a message: its action, or for plain ``query`` the header's kind."""
     category, _, action = message_type_.partition(".")
-    return action if category == "query" and action else category
+    if category != "query":
+        return category
+    if action:
+        return action
+    if "kind" not in header:
+        raise ValueError("a plain query message must name its request kind in the header")
+    return header["kind"]
 
 
 def _json_default(value: Any) -> Any:
