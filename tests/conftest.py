@@ -47,10 +47,18 @@ def fmnist_root(tmp_path_factory) -> Path:
     return write_structured_fmnist(tmp_path_factory.mktemp("fmnist"))
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One classifier/foundation cache for the session (per xdist worker): tiny runs with the same
+    settings train their frozen classifier and foundation mentors once, not once per test. Runs give
+    the same metrics whether the cache was cold or warm (tests/test_foundation.py checks it)."""
+    return tmp_path_factory.mktemp("classifier-cache")
+
+
 @pytest.fixture
-def tiny_overrides(fmnist_root, tmp_path) -> list[str]:
+def tiny_overrides(fmnist_root, shared_cache) -> list[str]:
     """--set overrides for a seconds-long run on the fixture data."""
-    return [f"data.root={fmnist_root}", f"classifier.cache_dir={tmp_path / 'cache'}", "scale=tiny", "users=3",
+    return [f"data.root={fmnist_root}", f"classifier.cache_dir={shared_cache}", "scale=tiny", "users=3",
             "rounds=3", "data.download=false", "data.test_samples=100", "eval.grid_images=4",
             "eval.snr_sweep=[0.0, 10.0]", "train.lr=0.05", "classifier.epochs=3"]
 

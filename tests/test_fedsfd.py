@@ -14,9 +14,9 @@ from semfl.files import read_jsonl
 
 
 @pytest.fixture
-def base(fmnist_root, tmp_path):
+def base(fmnist_root, tmp_path, shared_cache):
     extra = ["eval.grid_images=0", "fedsfd.pairs=10"]
-    return vq_overrides(fmnist_root, tmp_path / "cache", "fedsfd", users=3) + extra, tmp_path
+    return vq_overrides(fmnist_root, shared_cache, "fedsfd", users=3) + extra, tmp_path
 
 
 def test_the_middle_is_the_decoder_up_to_the_intermediate_feature(base):

@@ -121,9 +121,9 @@ def test_usage_kl_is_zero_for_uniform_use_and_log_m_for_one_codeword():
 
 
 @pytest.fixture(scope="module")
-def base(fmnist_root, tmp_path_factory):
+def base(fmnist_root, tmp_path_factory, shared_cache):
     tmp = tmp_path_factory.mktemp("fedsfr")
-    return vq_overrides(fmnist_root, tmp / "cache", "fedsfr", users=4), tmp
+    return vq_overrides(fmnist_root, shared_cache, "fedsfr", users=4), tmp
 
 
 def make_method(overrides):

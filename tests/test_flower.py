@@ -24,16 +24,10 @@ CLIENT_APP = make_client_app()
 VOLATILE = ("wall_s", "missing_users")
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("classifier-cache")
-
-
 @pytest.fixture
-def flower_overrides(tiny_overrides, shared_cache, tmp_path, monkeypatch):
+def flower_overrides(tiny_overrides, tmp_path, monkeypatch):
     monkeypatch.setenv("SEMFL_NODE_STATE_DIR", str(tmp_path / "nodes"))
-    return [o for o in tiny_overrides if not o.startswith("classifier.cache_dir")] + [
-        f"classifier.cache_dir={shared_cache}", "rounds=2"]
+    return tiny_overrides + ["rounds=2"]
 
 
 def stable(rows):

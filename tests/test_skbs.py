@@ -21,9 +21,9 @@ from semfl.training import batches, reconstruction_loss, snr_tensor
 
 
 @pytest.fixture
-def base(fmnist_root, tmp_path):
+def base(fmnist_root, tmp_path, shared_cache):
     extra = ["eval.grid_images=0", "skbs.user_eval_samples=50"]
-    return vq_overrides(fmnist_root, tmp_path / "cache", "skbs", users=3) + extra, tmp_path
+    return vq_overrides(fmnist_root, shared_cache, "skbs", users=3) + extra, tmp_path
 
 
 def test_mutual_distillation_is_each_models_own_loss_against_autograd(base):
