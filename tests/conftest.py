@@ -133,3 +133,27 @@ def whole_and_resumed(cfg, tmp: Path, monkeypatch, owner, attribute: str, round_
     monkeypatch.setattr(owner, attribute, original)
     Runner(cfg, tmp / "resumed", resume=True, **quiet).execute()
     return [[{k: r.get(k) for k in keep} for r in read_jsonl(tmp / d / "metrics.jsonl")] for d in ("whole", "resumed")]
+
+
+@pytest.fixture(scope="session")
+def finished_run(fmnist_root, tmp_path_factory):
+    """finished_run(method, *overrides) -> the directory of a finished tiny run (2 rounds, 3 users of
+    60 images, every round's checkpoint kept), made once per session and arguments."""
+    from semfl.config import load_config
+    from semfl.runtimes.run import Runner
+
+    made: dict[tuple, Path] = {}
+    cache = tmp_path_factory.mktemp("finished-cache")
+
+    def make(method: str, *overrides: str) -> Path:
+        key = (method, *overrides)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"run-{method}") / "run"
+            cfg = load_config(None, [f"data.root={fmnist_root}", f"classifier.cache_dir={cache}", "scale=tiny",
+                                     "users=3", "rounds=2", "data.download=false", "data.test_samples=100",
+                                     "eval.grid_images=4", "eval.snr_sweep=[0.0, 10.0]", "train.lr=0.05",
+                                     "classifier.epochs=1", "data.max_per_user=60", "log.checkpoint_every=1",
+                                     *method_overrides(method), *overrides])
+            made[key] = Runner(cfg, out, show_progress=False, log=lambda m: None).execute()
+        return made[key]
+    return make

@@ -181,5 +181,14 @@ def _register_deploy(sub) -> None:
 _EXTRA_COMMANDS.append(_register_deploy)
 
 
+def _register_use(sub) -> None:
+    from semfl.experiments import transmit  # light: torch loads inside the commands
+
+    transmit.register(sub)
+
+
+_EXTRA_COMMANDS.append(_register_use)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -134,6 +134,18 @@ class EngineConfig:
 
 
 @dataclass
+class LogConfig:
+    """What a run records besides its run directory's files (experiment trackers are optional
+    dependencies: ``pip install semfl[tracking]``)."""
+
+    tensorboard: bool = False  # every metrics row as TensorBoard scalars under <run>/tensorboard
+    mlflow_uri: str = ""  # an MLflow tracking URI (file:/path, sqlite:///file.db, http://server); "" = off
+    mlflow_experiment: str = "semfl"
+    # also keep the checkpoint of every N-th round in checkpoint/round-<t>/ (semfl.load(round=t)); 0 = last only
+    checkpoint_every: int = 0
+
+
+@dataclass
 class Config:
     method: str = "fedavg"
     dataset: str = "fashion-mnist"
@@ -150,6 +162,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     # method tables, filled from register_table(): name -> dataclass instance
     methods: dict[str, Any] = field(default_factory=dict)
 
@@ -412,6 +425,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.engine.workers == 1 or cfg.train.vmap != "on",
            "engine.workers > 1 and train.vmap = 'on' exclude each other (vmap trains the users together in one process)")
     _check(cfg.engine.connect_timeout_s > 0, f"engine.connect_timeout_s: must be > 0, got {cfg.engine.connect_timeout_s}")
+    _check(cfg.log.checkpoint_every >= 0, f"log.checkpoint_every: must be >= 0, got {cfg.log.checkpoint_every}")
+    _check(not cfg.log.mlflow_experiment.strip() == "", "log.mlflow_experiment: must not be empty")
     c = cfg.classifier
     _check(c.depth in (0, 8, 18, 34, 50, 101), f"classifier.depth: must be one of 0, 8, 18, 34, 50, 101, got {c.depth}")
     _check(c.epochs >= 0, "classifier.epochs: must be >= 0")

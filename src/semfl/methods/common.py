@@ -49,14 +49,19 @@ def snr_sweep(run: RunContext, models: dict[str, nn.Module]) -> dict[str, dict[s
     'model (kind)', on each eval.sweep_channels kind (the model's channel swapped for the sweep).
     Each SNR point is seeded, so models and channels are compared on the same random draws."""
     from semfl.wireless.channel import Channel
+    from semfl.progress import bar
     from semfl.protocol import seeding
     from semfl.training import evaluate_semantic
 
+    snrs = run.cfg.eval.snr_sweep
+    steps = bar("SNR sweep", len(snrs) * len(models) * (1 + len(run.cfg.eval.sweep_channels)), unit="points")
+
     def sweep(model):
         rows = []
-        for snr in run.cfg.eval.snr_sweep:
+        for snr in snrs:
             seeding.enter(run.cfg.seed, "snr-sweep", repr(snr))  # the same noise for every model and channel
             rows.append(evaluate_semantic(model, run.classifier, run.test_x, run.test_y, snr, run.cfg.eval.batch_size))
+            steps.advance()
         return {k: [r[k] for r in rows] for k in ("psnr_db", "accuracy", "ssim", "loss")}
 
     out = {label: sweep(model) for label, model in models.items()}
@@ -68,6 +73,7 @@ def snr_sweep(run: RunContext, models: dict[str, nn.Module]) -> dict[str, dict[s
                 out[on_channel(label, kind)] = sweep(model)
             finally:
                 model.channel = own
+    steps.close()
     return out
 
 
@@ -79,16 +85,22 @@ def finish_semantic(run: RunContext, models: dict[str, nn.Module], out_dir) -> d
     from semfl.report import plots
     from semfl.files import atomic_text
 
+    from semfl.progress import bar
+
     out_dir = Path(out_dir)
+    figures = bar("figures", bool(run.cfg.eval.grid_images) + bool(run.cfg.eval.snr_sweep), unit="figures")
     if run.cfg.eval.grid_images:
         images, rows = reconstruction_rows(run, models, run.cfg.eval.grid_images, run.cfg.eval.snr_db)
         plots.image_grid(images, rows, out_dir / "figures" / "reconstructions.png")
+        figures.advance()
     summary = {}
     if run.cfg.eval.snr_sweep:
         sweep = snr_sweep(run, models)
         atomic_text(out_dir / "snr_sweep.json", json.dumps({"snr_db": run.cfg.eval.snr_sweep, "models": sweep}, indent=1))
         other = {on_channel(label, kind) for kind in run.cfg.eval.sweep_channels for label in models}
         plots.snr_sweep(sweep, run.cfg.eval.snr_sweep, out_dir / "figures" / "snr_sweep.png", dashed=other)
+        figures.advance()
+    figures.close()
     return summary
 
 

@@ -88,3 +88,16 @@ class FedAvg(Method):
 
     def finish(self, out_dir):
         return finish_semantic(self.run, {self.name: self.global_model()}, out_dir)
+
+    @classmethod
+    def build_global(cls, run) -> torch.nn.Module:
+        """A fresh model of the federated model's architecture (for :meth:`trained_models`)."""
+        return build_semantic_model(run, run.cfg.model.arch)
+
+    @classmethod
+    def trained_models(cls, run, state, user_state):
+        def build():
+            model = cls.build_global(run)
+            load_weights(model, state["global_weights"])
+            return model
+        return {"global": build}

@@ -395,6 +395,28 @@ class FineFed(FedAvg):
         super().load_state_dict(state)
         self.personalised = bool(state["personalised"])
 
+    @classmethod
+    def trained_models(cls, run, state, user_state):
+        """"global" (the federated model) and, once personalised, "pair:I-J": sender I's encoder
+        half with receiver J's decoder half, for every J in R(I)."""
+        models = super().trained_models(run, state, user_state)
+        if not state.get("personalised"):
+            return models
+        k, r = run.cfg.users, run.cfg.table("finefed").receivers
+
+        def pair(i: int, j: int):
+            def build():
+                sender, receiver = user_state(i, ["sender"]), user_state(j, ["receiver"])
+                if not sender or not receiver:
+                    raise LookupError(f"users {i} and {j} hold no personal halves in this checkpoint")
+                model = cls.build_global(run)
+                load_weights(model, {**state["global_weights"], **sender["sender"], **receiver["receiver"]})
+                return model
+            return build
+
+        models.update({f"pair:{i}-{j}": pair(i, j) for i in range(k) for j in receivers_of(i, k, r)})
+        return models
+
     def finish(self, out_dir):
         models = {"federated": self.global_model()}
         halves = self.personal_halves() if self.personalised else {}

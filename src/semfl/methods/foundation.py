@@ -98,8 +98,11 @@ def train_foundation(model: torch.nn.Module, images: torch.Tensor, labels: torch
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     low, high = snr_range
+    from semfl.progress import bar
+
     model.train()
     history = []
+    steps = bar(f"foundation {type(model).__name__}", epochs * len(images), unit="images", estimate=True)
     for epoch in range(epochs):
         total = 0.0
         for idx in batches(len(images), batch_size, generator):
@@ -112,9 +115,11 @@ def train_foundation(model: torch.nn.Module, images: torch.Tensor, labels: torch
             clip_gradients(model, 1.0)
             optimiser.step()
             total += float(loss.detach()) * len(idx)
+            steps.advance(len(idx))
         history.append(total / len(images))
         if progress is not None:
             progress(epoch, history[-1])
+    steps.close()
     return history
 
 

@@ -247,6 +247,9 @@ def pretrain_mae(model: GSC, images: torch.Tensor, epochs: int, batch_size: int,
     model.train()
     history: list[float] = []
     n = images.shape[0]
+    from semfl.progress import bar
+
+    steps = bar("MAE pretraining", epochs * n, unit="images", estimate=True)
     try:
         for epoch in range(epochs):
             perm = torch.randperm(n, generator=gen)
@@ -260,12 +263,14 @@ def pretrain_mae(model: GSC, images: torch.Tensor, epochs: int, batch_size: int,
                 opt.step()
                 total += loss.item() * batch.shape[0]
                 count += batch.shape[0]
+                steps.advance(batch.shape[0])
             mean = total / max(count, 1)
             history.append(mean)
             if progress is not None:
                 progress(epoch, mean)
     finally:
         model.train(was_training)
+        steps.close()
     return history
 
 

@@ -137,3 +137,24 @@ def scg_loss(local_centroids: torch.Tensor, present: torch.Tensor, centroids: to
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+class SplitClassifier(nn.Module):
+    """A user's encoder, the channel and the base station's head as one model (what ``semfl.load``
+    gives for split methods): images -> power-normalised complex symbols -> channel -> class logits."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, channel: nn.Module):
+        super().__init__()
+        self.encoder, self.head, self.channel = encoder, head, channel
+
+    def transmit_symbols(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, n) complex channel input of unit mean power (the reals of :func:`symbols`, paired)."""
+        f = symbols(self.encoder(images))
+        return torch.view_as_complex(f.reshape(f.shape[0], -1, 2).contiguous())
+
+    def classify(self, received: torch.Tensor) -> torch.Tensor:
+        """(B, n) received complex symbols -> (B, classes) logits of the head."""
+        return self.head(torch.view_as_real(received).reshape(received.shape[0], -1))
+
+    def forward(self, images: torch.Tensor, snr_db) -> torch.Tensor:
+        return self.classify(self.channel(self.transmit_symbols(images), snr_db))

@@ -13,7 +13,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
+    """A checkpoint holds tensors and plain containers only, so it is read with ``weights_only=True``:
+    a checkpoint from elsewhere cannot run code when it is loaded."""
     try:
-        return torch.load(path, weights_only=False, map_location="cpu")
+        return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:
         raise RuntimeError(f"checkpoint {path} is unreadable ({exc})") from None

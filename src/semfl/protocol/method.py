@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -81,6 +81,21 @@ class Method:
 
     def finish(self, out_dir: Path) -> dict[str, Any]:
         """Artifacts after the last round (figures, sweeps); returns summary fields."""
+        return {}
+
+    @classmethod
+    def trained_models(cls, run: RunContext, state: dict[str, Any],
+                       user_state: Callable[[int, Sequence[str]], dict[str, Any] | None]) -> dict[str, Callable[[], Any]]:
+        """The trained models a checkpoint holds, for ``semfl.load``: name -> a function building that
+        model with its weights, on ``run.device``.
+
+        Names: ``"global"`` (the federated model), ``"user:K"`` (user K's own model), ``"mentor:K"``,
+        ``"pair:I-J"`` (a sender's encoder with a receiver's decoder). ``state`` is :meth:`state_dict`
+        as the checkpoint holds it; ``user_state(k, keys)`` reads those entries of user k's persistent
+        state from the checkpoint (None where it is not there). A model is a semantic model
+        (``transmit_symbols`` / ``reconstruct`` / ``channel``) or a
+        :class:`semfl.models.split.SplitClassifier` (``transmit_symbols`` / ``classify``). The
+        default names none: a method lists its models by overriding this."""
         return {}
 
 

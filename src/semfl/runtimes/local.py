@@ -82,7 +82,7 @@ class UserStates(MutableMapping):
             path.unlink(missing_ok=True)
             self.loads += 1
         elif user in self._borrowed:
-            self._mem[user] = torch.load(self._borrowed.pop(user), weights_only=False)
+            self._mem[user] = torch.load(self._borrowed.pop(user), weights_only=True)  # a checkpoint's file
             self.loads += 1
         self._saved.pop(user, None)  # the caller may change the state in place
         state = self._mem[user]

@@ -6,6 +6,7 @@ drops metric rows past the checkpoint and continues, giving the metrics of an un
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -25,7 +26,7 @@ from semfl.protocol import seeding
 from semfl.files import atomic_text, read_jsonl, write_jsonl
 from semfl.protocol.checkpoint import load_checkpoint, save_checkpoint
 from semfl.runtimes.local import LocalTransport
-from semfl.runtimes.progress import RunProgress
+from semfl.runtimes.progress import RunProgress, paper_on_cpu
 from semfl.runtimes.workers import resolve_workers
 
 CHECKPOINT = "checkpoint/state.pt"
@@ -65,7 +66,12 @@ def build_context(cfg: Config, out_dir: Path | None, log: Callable[[str], None] 
         raise ConfigError(f"device: {cfg.device} requested but CUDA is not available")
     dataset, parts, test_idx = prepare_data(cfg)
     cache_dir = run_cache_dir(cfg)
-    tick = progress.classifier_task(len(dataset.train_y)) if progress else None
+    from semfl.models.classifier import CLASSIFIER_PRESETS
+
+    epochs = cfg.classifier.epochs or CLASSIFIER_PRESETS[cfg.scale].epochs
+    if cfg.scale == "paper" and device.type == "cpu":
+        log(paper_on_cpu(cfg, dataset, epochs))
+    tick = progress.classifier_task(len(dataset.train_y), epochs) if progress else None
     classifier, path, trained = frozen_classifier(
         dataset.spec, cfg.dataset, dataset.train_x, dataset.train_y, scale=cfg.scale, depth=cfg.classifier.depth,
         epochs=cfg.classifier.epochs, lr=cfg.classifier.lr, batch_size=cfg.classifier.batch_size,
@@ -124,6 +130,7 @@ class Runner:
         self.progress = RunProgress(cfg, enabled=show_progress)
         self.log = log or self.progress.log
         self.metrics_path = self.out / "metrics.jsonl"
+        self.tracker = None
 
     def _check_directory(self) -> None:
         config_path = self.out / "config.toml"
@@ -131,15 +138,28 @@ class Runner:
             if not config_path.is_file():
                 raise RunError(f"--resume: {self.out} has no config.toml to resume")
             previous = load_config(config_path)
-            if dump_config(previous) != dump_config(self.cfg):
+            # [log] says what is recorded, not what is computed: a resume may turn trackers on or off
+            if dump_config(dataclasses.replace(previous, log=self.cfg.log)) != dump_config(self.cfg):
                 raise RunError(f"--resume: the config differs from the one in {config_path}; resume with the same config")
         elif (self.out / "metrics.jsonl").exists():
             raise RunError(f"--out: {self.out} already holds a run; pass --resume to continue it or choose another --out")
 
     def execute(self) -> Path:
+        from semfl.runtimes.tracking import Tracker
+
         self._check_directory()
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_text(self.out / "config.toml", dump_config(self.cfg))
+        self.tracker = Tracker(self.cfg, self.out, self.resume)
+        try:
+            self._execute()
+        except BaseException:
+            self.tracker.close(failed=True)
+            raise
+        self.tracker.finish()
+        return self.out
+
+    def _execute(self) -> None:
         with self.progress:
             seeding.enter(self.cfg.seed, "setup")
             run, user_data = build_context(self.cfg, self.out, self.log, self.progress,
@@ -187,8 +207,11 @@ class Runner:
                 info["wall_s"] = wall
                 new_rows = self._round_rows(method, round_, info, link_rows)
                 self._append(new_rows)
-                save_checkpoint(self.out / CHECKPOINT, {"round": round_, "method": method.state_dict(),
-                                                        "transport": transport.state_dict(), "wall_s": wall})
+                state = {"round": round_, "method": method.state_dict(), "transport": transport.state_dict(),
+                         "wall_s": wall}
+                save_checkpoint(self.out / CHECKPOINT, state)
+                if self.cfg.log.checkpoint_every and round_ % self.cfg.log.checkpoint_every == 0:
+                    keep_checkpoint(self.out, round_, state["transport"])
                 transport.checkpoint_saved()
                 self.progress.end_round(round_, new_rows[0])
             self.log("finishing: figures and report")
@@ -197,7 +220,6 @@ class Runner:
         from semfl.report import write_run_report
 
         write_run_report(self.out, summary)
-        return self.out
 
     def _restore(self, method, transport) -> tuple[int, list[dict], float]:
         ckpt_path = self.out / CHECKPOINT
@@ -249,3 +271,23 @@ class Runner:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
             handle.flush()
+        if self.tracker is not None:
+            self.tracker.rows(rows)
+
+
+def keep_checkpoint(out: Path, round_: int, transport_state: dict) -> None:
+    """Keep round_'s checkpoint in checkpoint/round-<t>/ (state.pt and the users' state files it
+    names), hard-linked where the file system allows, for semfl.load(round=t) after later rounds."""
+    import os
+    import shutil
+
+    folder = Path(out) / "checkpoint" / f"round-{round_}"
+    names = [n for n in (transport_state.get("state_files") or {}).values() if n]
+    pairs = [(Path(out) / CHECKPOINT_USERS / n, folder / "users" / n) for n in names]
+    (folder / "users").mkdir(parents=True, exist_ok=True)
+    for source, target in pairs + [(Path(out) / CHECKPOINT, folder / "state.pt")]:  # state.pt last: it marks a kept round
+        target.unlink(missing_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)

@@ -197,6 +197,13 @@ class FedSFR(FedAvg):
     def handlers(self):
         return {"train": self.user_train}  # no vmap: compression is per user
 
+    @classmethod
+    def build_global(cls, run):
+        model = super().build_global(run)
+        o = run.cfg.table("fedsfr")
+        model.configure(o.bits_per_symbol, o.margin, o.usage_weight)  # the codebook the run trained with
+        return model
+
     def request_meta(self, round_: int) -> dict:
         return {}
 

@@ -273,6 +273,26 @@ class PSFL(Method):
         if self.accountant is not None and state.get("accountant"):
             self.accountant.load_state_dict(state["accountant"])
 
+    @classmethod
+    def trained_models(cls, run, state, user_state):
+        def student():
+            model = build_semantic_model(run, run.cfg.model.arch)
+            load_weights(model, state["global_weights"])
+            return model
+
+        def mentor(user: int):
+            def build():
+                held = user_state(user, ["mentor"])
+                if not held or "mentor" not in held:
+                    raise LookupError(f"user {user} holds no mentor in this checkpoint (it has not trained yet)")
+                model = build_semantic_model(run, mentor_of[user])
+                load_weights(model, held["mentor"])
+                return model
+            return build
+
+        mentor_of = choose_mentors(run.user_sizes, run.cfg.table("psfl"))
+        return {"global": student, **{f"mentor:{k}": mentor(k) for k in range(run.cfg.users)}}
+
     def finish(self, out_dir) -> dict[str, Any]:
         load_weights(self.student, self.global_weights)
         models: dict[str, torch.nn.Module] = {"student (CSC)": self.student}

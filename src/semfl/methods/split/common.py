@@ -264,6 +264,7 @@ def finish_split(run, method_label: str, pairs: dict[int, tuple[nn.Module, nn.Mo
     """
     import json
 
+    from semfl.progress import bar
     from semfl.report import plots
     from semfl.files import atomic_text
 
@@ -271,6 +272,7 @@ def finish_split(run, method_label: str, pairs: dict[int, tuple[nn.Module, nn.Mo
     options = run.cfg.table("fedcl")
     summary: dict[str, Any] = {}
     n = min(options.feature_samples, len(run.test_x))
+    steps = bar("figures", bool(n) + len(run.cfg.eval.snr_sweep), unit="steps")  # the feature scatter, each SNR
     if n:
         # each user sends (its share of) its own test images through its encoder and the channel
         per_user = max(1, n // len(pairs))
@@ -282,6 +284,7 @@ def finish_split(run, method_label: str, pairs: dict[int, tuple[nn.Module, nn.Mo
         summary.update(feature_figure(torch.cat(feats), torch.cat(labels), out_dir / "figures" / "features.png",
                                       f"{method_label}: received features at {options.feature_snr_db:g} dB",
                                       run.cfg.seed))
+        steps.advance()
     if run.cfg.eval.snr_sweep:
         snrs = list(run.cfg.eval.snr_sweep)
         acc = []
@@ -289,6 +292,7 @@ def finish_split(run, method_label: str, pairs: dict[int, tuple[nn.Module, nn.Mo
             rows = [evaluate_split(e, h, channel, *user_test_set(run, user), snr, run.cfg.eval.batch_size, prototypes)
                     for user, (e, h) in pairs.items()]
             acc.append(float(np.mean([r["accuracy"] for r in rows])))
+            steps.advance()
         atomic_text(out_dir / "snr_sweep.json", json.dumps({"snr_db": snrs, "models": {method_label: {"accuracy": acc}}},
                                                            indent=1))
         fig, ax = plots.plt.subplots(figsize=(4.2, 3.2))
@@ -298,4 +302,5 @@ def finish_split(run, method_label: str, pairs: dict[int, tuple[nn.Module, nn.Mo
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         plots.save(fig, out_dir / "figures" / "snr_sweep.png")
+    steps.close()
     return summary

@@ -72,6 +72,19 @@ class FedAvgSplit(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_state = state["global_state"]
 
+    @classmethod
+    def trained_models(cls, run, state, user_state):
+        """"global": the shared encoder -> channel -> head (a classifier)."""
+        from semfl.models.split import SplitClassifier
+
+        def build():
+            options = run.cfg.table("fedcl")
+            model = torch.nn.ModuleDict({"encoder": build_encoder(run, options.encoders[0] if options.encoders
+                                                                  else options.encoder), "head": build_head(run)})
+            load_float_state(model, state["global_state"])
+            return SplitClassifier(model["encoder"], model["head"], make_channel(run.cfg.channel)).to(run.device)
+        return {"global": build}
+
     def finish(self, out_dir) -> dict[str, Any]:
         load_float_state(self.model, self.global_state)
         pair = (self.model["encoder"], self.model["head"])

@@ -285,6 +285,26 @@ class FedCL(Method):
         self.scg_opt.load_state_dict(state["scg_opt"])
         self.centroids = self.generate().detach()
 
+    @classmethod
+    def trained_models(cls, run, state, user_state):
+        """"user:K": user K's encoder -> channel -> the global head (a classifier: there is no
+        global encoder, and no decoder of images)."""
+        from semfl.models.split import SplitClassifier
+
+        encoder_of = assign_encoders(run.user_sizes, run.cfg.table("fedcl"))
+
+        def user(k: int):
+            def build():
+                held = user_state(k, ["encoder"])
+                if not held or "encoder" not in held:
+                    raise LookupError(f"user {k} holds no encoder in this checkpoint (it has not trained yet)")
+                encoder, head = build_encoder(run, encoder_of[k]), build_head(run)
+                load_float_state(encoder, held["encoder"])
+                load_float_state(head, state["global_head"])
+                return SplitClassifier(encoder, head, make_channel(run.cfg.channel)).to(run.device)
+            return build
+        return {f"user:{k}": user(k) for k in range(run.cfg.users)}
+
     def finish(self, out_dir) -> dict[str, Any]:
         head = build_head(self.run)
         load_float_state(head, self.global_head)

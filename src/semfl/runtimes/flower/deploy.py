@@ -28,9 +28,7 @@ class DeployError(RunError):
 
 def app_dir() -> Path:
     """The repository holding pyproject.toml with [tool.flwr.app] (semfl installed editable)."""
-    import semfl
-
-    root = Path(semfl.__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[4]  # src/semfl/runtimes/flower/deploy.py -> the repository
     if not (root / "pyproject.toml").is_file() or "[tool.flwr.app]" not in (root / "pyproject.toml").read_text():
         raise DeployError(f"semfl deploy needs the semfl repository as the Flower App (no pyproject.toml with "
                           f"[tool.flwr.app] at {root}); install semfl from a clone with `pip install -e .`")

@@ -156,9 +156,7 @@ def resolve_run_config(run_config: dict[str, Any]) -> tuple[Config, Path, bool]:
     elif path:
         candidate = Path(path).expanduser()
         if not candidate.is_absolute() and not candidate.is_file():
-            import semfl
-
-            candidate = Path(semfl.__file__).resolve().parents[2] / path  # the repository of an editable install
+            candidate = Path(__file__).resolve().parents[4] / path  # the repository of an editable install
         cfg = load_config(candidate, overrides)
     else:
         raise ConfigError("flower run config: set `config` (a TOML path) or `config-toml`")
