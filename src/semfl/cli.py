@@ -172,6 +172,15 @@ def _register_bench(sub) -> None:
 _EXTRA_COMMANDS.append(_register_bench)
 
 
+def _register_baseline(sub) -> None:
+    from semfl.experiments import digital_baseline  # light: heavy imports happen inside its commands
+
+    digital_baseline.register(sub)
+
+
+_EXTRA_COMMANDS.append(_register_baseline)
+
+
 def _register_deploy(sub) -> None:
     from semfl.runtimes.flower import deploy
 

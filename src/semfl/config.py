@@ -105,6 +105,13 @@ class EvalConfig:
     # FedAvg family: each user's locally trained model on this many test images in the evaluated
     # rounds (per-client local accuracy, PSFL Figs 15-16; PSFL's own: psfl.user_eval_samples); 0 = off
     user_samples: int = 0
+    # the separation baseline in the final SNR sweep, at each model's own k/n: "JPEG + LDPC + QAM,
+    # adapted", "... designed for digital_design_snr dB", "JPEG at capacity" (docs/digital-baseline.md).
+    # Off by default: its 5G LDPC decoding costs minutes on 2 CPU cores for 1000 test images
+    # (docs/digital-baseline.md); the quickstart configs switch it on
+    digital_baseline: bool = False
+    digital_codec: Literal["jpeg", "webp"] = "jpeg"
+    digital_design_snr: float | None = None  # None: the middle of link.snr_min_db..link.snr_max_db
 
 
 @dataclass
@@ -413,7 +420,9 @@ def validate(cfg: Config) -> None:
     _check(e.batch_size >= 1, "eval.batch_size: must be >= 1")
     _check(e.grid_images >= 0, "eval.grid_images: must be >= 0")
     _check(e.user_samples >= 0, f"eval.user_samples: must be >= 0, got {e.user_samples}")
-    kinds = typing.get_args(typing.get_type_hints(ChannelConfig)["kind"])
+    if e.digital_baseline and e.digital_codec == "webp":
+        from PIL import features
+        _check(features.check("webp"), "eval.digital_codec: this Pillow has no WebP; use 'jpeg'")
     for kind in e.sweep_channels:
         _check(kind in kinds, f"eval.sweep_channels: unknown channel {kind!r} (allowed: {', '.join(kinds)})")
     _check(cfg.engine.state_memory_mb >= 0, f"engine.state_memory_mb: must be >= 0, got {cfg.engine.state_memory_mb}")

@@ -77,6 +77,38 @@ def snr_sweep(run: RunContext, models: dict[str, nn.Module]) -> dict[str, dict[s
     return out
 
 
+def channel_uses_ratio(model: nn.Module, images) -> float:
+    """k/n of a semantic model: complex channel uses per source value (C*H*W) of one image."""
+    import torch
+
+    with torch.no_grad():
+        model.eval()
+        return model(images[:1], 10.0).X.shape[1] / images[0].numel()
+
+
+def digital_baseline(run: RunContext, models: dict[str, nn.Module]) -> dict[str, dict[str, list]]:
+    """The separation baseline's curves over eval.snr_sweep at each distinct k/n of ``models``
+    (labels get ' (k/n=...)' when the models differ), on the run's own channel; the fallback for a
+    lost image is the mean training image."""
+    from semfl.wireless import separation
+
+    cfg = run.cfg
+    ratios = sorted({round(channel_uses_ratio(m, run.test_x), 6) for m in models.values()})
+    design = cfg.eval.digital_design_snr
+    design = (cfg.link.snr_min_db + cfg.link.snr_max_db) / 2 if design is None else design
+    fallback = run.data.train_x.mean(0).to(run.test_x.device)
+    encoded = separation.EncodedSet(run.test_x, cfg.eval.digital_codec)
+    out = {}
+    for ratio in ratios:
+        curves = separation.sweep(run.test_x, run.test_y, run.classifier, ratio, list(cfg.eval.snr_sweep),
+                                  kind=cfg.channel.kind, equalize=cfg.channel.equalize, design_snr=design,
+                                  codec=cfg.eval.digital_codec, fallback=fallback, seed=cfg.seed,
+                                  batch_size=cfg.eval.batch_size, encoded=encoded)
+        suffix = f" (k/n={ratio:.3g})" if len(ratios) > 1 else ""
+        out.update({label + suffix: values for label, values in curves.items()})
+    return out
+
+
 def finish_semantic(run: RunContext, models: dict[str, nn.Module], out_dir) -> dict:
     """Final artifacts every semantic method gives: a reconstruction grid and an SNR sweep."""
     import json
@@ -96,9 +128,11 @@ def finish_semantic(run: RunContext, models: dict[str, nn.Module], out_dir) -> d
     summary = {}
     if run.cfg.eval.snr_sweep:
         sweep = snr_sweep(run, models)
+        baseline = digital_baseline(run, models) if run.cfg.eval.digital_baseline else {}
+        sweep.update(baseline)
         atomic_text(out_dir / "snr_sweep.json", json.dumps({"snr_db": run.cfg.eval.snr_sweep, "models": sweep}, indent=1))
         other = {on_channel(label, kind) for kind in run.cfg.eval.sweep_channels for label in models}
-        plots.snr_sweep(sweep, run.cfg.eval.snr_sweep, out_dir / "figures" / "snr_sweep.png", dashed=other)
+        plots.snr_sweep(sweep, run.cfg.eval.snr_sweep, out_dir / "figures" / "snr_sweep.png", dashed=other, dotted=set(baseline))
         figures.advance()
     figures.close()
     return summary

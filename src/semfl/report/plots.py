@@ -125,12 +125,12 @@ def image_grid(originals: torch.Tensor, rows: list[tuple[str, torch.Tensor, list
     return save(fig, path)
 
 
-def snr_sweep(sweep: dict[str, dict[str, list[float]]], snrs: list[float], path: Path, dashed=()) -> Path:
+def snr_sweep(sweep: dict[str, dict[str, list[float]]], snrs: list[float], path: Path, dashed=(), dotted=()) -> Path:
     """PSNR and accuracy against SNR per model; the labels in ``dashed`` (a model tested on another
-    channel than its own) are drawn dashed."""
+    channel than its own) are drawn dashed, those in ``dotted`` (the digital baseline) dotted."""
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     for label, values in sweep.items():
-        style = "--o" if label in dashed else "-o"
+        style = "--o" if label in dashed else ":s" if label in dotted else "-o"
         axes[0].plot(snrs, values["psnr_db"], style, ms=3, label=label)
         axes[1].plot(snrs, values["accuracy"], style, ms=3, label=label)
     for ax, title in zip(axes, ("PSNR (dB)", "classifier accuracy")):

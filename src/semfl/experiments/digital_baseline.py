@@ -1,0 +1,120 @@
+"""``semfl baseline digital`` and ``semfl baseline bench``: the separation baseline on its own.
+
+``digital`` evaluates "JPEG + LDPC + QAM" (adapted and fixed design) and "JPEG at capacity" on a
+dataset's evaluation subset (``data.test_samples``, the runs' own subset and frozen classifier) at
+the given SNRs and k/n, prints a table and writes ``<out>/digital_baseline.json`` and
+``snr_sweep.png``. ``bench`` times that sweep against a learned model's own SNR sweep
+(``methods.common.snr_sweep``: the same test images, SNRs and classifier) on the same machine,
+side by side, and reports the ratio; the model's weights do not change its cost, so it is untrained.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from semfl.config import ConfigError, load_config
+
+
+def _context(args, extra: list[str]):
+    from semfl.runtimes.run import build_context
+
+    sets = list(args.set) + [f"dataset={args.dataset}", f"scale={args.scale}", f"device={args.device}",
+                             f"data.test_samples={args.samples}", "users=1", "data.partition=iid"] + extra
+    cfg = load_config(None, sets)
+    return build_context(cfg, None, log=lambda line: None, with_user_data=False)[0]
+
+
+def _design(args, run) -> float:
+    if args.design_snr is not None:
+        return args.design_snr
+    return (run.cfg.link.snr_min_db + run.cfg.link.snr_max_db) / 2
+
+
+def cmd_digital(args) -> int:
+    from semfl.report import plots
+    from semfl.files import atomic_text
+    from semfl.wireless import separation
+
+    if not args.ratio > 0:
+        raise ConfigError(f"--ratio: must be > 0 (complex channel uses per source value), got {args.ratio}")
+    run = _context(args, [])
+    start = time.perf_counter()
+    curves = separation.sweep(run.test_x, run.test_y, run.classifier, args.ratio, args.snr, kind=args.channel,
+                              design_snr=_design(args, run), codec=args.codec, seed=run.cfg.seed,
+                              fallback=run.data.train_x.mean(0).to(run.test_x.device))
+    seconds = time.perf_counter() - start
+    out = Path(args.out)
+    atomic_text(out / "digital_baseline.json", json.dumps(
+        {"dataset": args.dataset, "ratio": args.ratio, "channel": args.channel, "snr_db": args.snr,
+         "test_samples": len(run.test_x), "seconds": seconds, "curves": curves}, indent=1))
+    plots.snr_sweep(curves, args.snr, out / "snr_sweep.png", dotted=set(curves))
+    print(f"{len(run.test_x)} {args.dataset} test images, k/n = {args.ratio:g} "
+          f"({curves[next(iter(curves))]['channel_uses'][0]} channel uses), {args.channel}, {seconds:.1f} s")
+    for label, values in curves.items():
+        print(label)
+        for i, snr in enumerate(args.snr):
+            mcs = values.get("mcs", [None] * len(args.snr))[i]
+            print(f"  {snr:5.1f} dB  PSNR {values['psnr_db'][i]:5.2f}  SSIM {values['ssim'][i]:.3f}  "
+                  f"acc {values['accuracy'][i]:.3f}  lost {values['lost'][i]:.3f}  bits {values['bits_per_image'][i]:7.1f}"
+                  f" (with headers {values['bits_with_headers'][i]:7.1f})" + (f"  {mcs}" if mcs else ""))
+    print(f"written: {out / 'digital_baseline.json'}, {out / 'snr_sweep.png'}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from semfl.methods.common import build_semantic_model, channel_uses_ratio, snr_sweep
+    from semfl.files import atomic_text
+    from semfl.wireless import separation
+
+    run = _context(args, [f"eval.snr_sweep={json.dumps(args.snr)}", f"model.arch={args.arch}"])
+    torch.manual_seed(0)
+    model = build_semantic_model(run, args.arch)
+    ratio = channel_uses_ratio(model, run.test_x)
+    rows = []
+    for repeat in range(args.repeats):  # interleaved, so load changes hit both alike
+        t0 = time.perf_counter()
+        snr_sweep(run, {args.arch: model})
+        t1 = time.perf_counter()
+        separation.sweep(run.test_x, run.test_y, run.classifier, ratio, args.snr, design_snr=_design(args, run),
+                         seed=run.cfg.seed, batch_size=run.cfg.eval.batch_size)
+        t2 = time.perf_counter()
+        rows.append({"learned_s": t1 - t0, "digital_s": t2 - t1})
+    learned = sorted(r["learned_s"] for r in rows)[len(rows) // 2]
+    digital = sorted(r["digital_s"] for r in rows)[len(rows) // 2]
+    result = {"dataset": args.dataset, "arch": args.arch, "scale": args.scale, "device": args.device,
+              "test_samples": len(run.test_x), "snr_db": args.snr, "ratio": ratio, "repeats": rows,
+              "learned_sweep_s": learned, "digital_sweep_s": digital, "digital_over_learned": digital / learned,
+              "torch_threads": torch.get_num_threads(), "load_avg_1min_at_end": os.getloadavg()[0],
+              "cpu_count": os.cpu_count()}
+    atomic_text(Path(args.out) / f"digital-bench-{args.device}.json", json.dumps(result, indent=1))
+    print(f"{len(run.test_x)} images x {len(args.snr)} SNRs, {args.arch} ({args.scale}, k/n={ratio:.3g}) on {args.device}: "
+          f"learned sweep {learned:.1f} s, digital baseline (3 curves) {digital:.1f} s, ratio {digital / learned:.1f}x")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("baseline", help="classical baselines: the separation (JPEG + 5G LDPC + QAM) scheme")
+    kinds = p.add_subparsers(dest="baseline", required=True)
+    for name, func, help_ in (("digital", cmd_digital, "the digital baseline's SNR sweep on a dataset"),
+                              ("bench", cmd_bench, "time the digital baseline's sweep against a learned model's")):
+        q = kinds.add_parser(name, help=help_)
+        q.add_argument("--dataset", default="fashion-mnist")
+        q.add_argument("--snr", type=float, nargs="+", default=[0.0, 5.0, 10.0, 15.0, 20.0, 25.0], help="SNRs (dB)")
+        q.add_argument("--design-snr", type=float, help="SNR of the fixed design (default: middle of the link range)")
+        q.add_argument("--samples", type=int, default=2000, help="test images (the runs' data.test_samples)")
+        q.add_argument("--scale", choices=["tiny", "cpu", "paper"], default="cpu", help="the frozen classifier's")
+        q.add_argument("--device", default="cpu")
+        q.add_argument("--out", default="runs/digital-baseline")
+        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
+        q.set_defaults(func=func)
+        if name == "digital":
+            q.add_argument("--ratio", type=float, required=True, help="k/n: complex channel uses per source value")
+            q.add_argument("--channel", choices=["awgn", "rayleigh"], default="awgn")
+            q.add_argument("--codec", choices=["jpeg", "webp"], default="jpeg")
+        else:
+            q.add_argument("--arch", default="csc", help="the learned model timed beside it")
+            q.add_argument("--repeats", type=int, default=3)

@@ -1,0 +1,129 @@
+"""The digital link of the separation baseline: CRC + 5G LDPC + QAM over semfl's channels.
+
+Each image gets ``channel_uses`` complex symbols. With an :class:`~semfl.wireless.link_table.MCS`
+(``m`` bits per QAM symbol, code rate ``r``) the image's ``channel_uses * m`` coded bits are split
+into equal LDPC codewords of at most :data:`MAX_BLOCK_BITS` coded bits (a multiple of ``m``);
+each codeword carries ``floor(n r)`` information bits, of which the last ``crc`` bits are a CRC
+(5G's rule: CRC16 for payloads up to 3824 bits, else CRC24A) so the receiver knows which blocks
+failed. Every image of a batch has the same layout, so all blocks of the batch go through one
+Sionna encoder / mapper / demapper / decoder call.
+
+The channel is the semantic models' own :class:`semfl.wireless.channel.Channel` (same SNR = Es/N0 with
+unit-power symbols, Sionna's QAM being unit-power too, same AWGN and per-image Rayleigh block
+fading, same generators). On Rayleigh the receiver knows ``h`` (as the semantic models' MMSE
+equaliser does) and undoes the channel exactly: the demapper sees ``x + n / h`` with noise
+variance ``N0 / |h|^2``, whether or not the semantic channel equalises.
+
+Decoding uses CRC-aided early termination, as real receivers do: every block is decoded with
+:data:`EARLY_ITERATIONS` BP iterations first; the blocks whose CRC then passes are done, the
+others are decoded again from scratch with the full :data:`FULL_ITERATIONS`.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from semfl.wireless.channel import Channel, _sionna_device
+from semfl.wireless.link_table import MCS
+
+MAX_BLOCK_BITS = 8000  # coded bits per LDPC codeword (5G's largest info block is 8448 bits)
+EARLY_ITERATIONS = 4
+FULL_ITERATIONS = 20
+
+
+def crc_degree(payload_bits: int) -> str:
+    """5G's transport-block CRC: CRC16 for payloads up to 3824 bits, CRC24A above."""
+    return "CRC16" if payload_bits <= 3824 else "CRC24A"
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How one image's channel uses are filled at an MCS."""
+
+    mcs: MCS
+    blocks: int  # LDPC codewords per image
+    coded_bits: int  # n per codeword (multiple of mcs.bits_per_symbol)
+    info_bits: int  # k per codeword, CRC included
+    crc_bits: int
+
+    @property
+    def payload_bits(self) -> int:
+        """Source bits one image can carry."""
+        return self.blocks * (self.info_bits - self.crc_bits)
+
+    @property
+    def symbols(self) -> int:
+        """Channel uses actually sent per image (<= the budget)."""
+        return self.blocks * self.coded_bits // self.mcs.bits_per_symbol
+
+
+def layout(channel_uses: int, mcs: MCS) -> BlockLayout | None:
+    """The codewords of one image at ``mcs``; None when not even one CRC-protected bit fits."""
+    m = mcs.bits_per_symbol
+    total = channel_uses * m
+    if total <= 0:
+        return None
+    blocks = -(-total // MAX_BLOCK_BITS)
+    n = (total // blocks) // m * m
+    k = int(n * mcs.code_rate + 1e-9)
+    if k * 5 < n:  # rounding put the rate below 5G's lowest (1/5): send fewer coded bits
+        n = 5 * k // m * m
+    crc = 16 if crc_degree(k - 16) == "CRC16" else 24
+    if k - crc < 8 or n < 24:
+        return None
+    return BlockLayout(mcs, blocks, n, k, crc)
+
+
+@functools.lru_cache(maxsize=64)
+def _blocks(k: int, n: int, m: int, crc: str, device: str):
+    from sionna.phy.fec.crc import CRCDecoder, CRCEncoder
+    from sionna.phy.fec.ldpc import LDPC5GDecoder, LDPC5GEncoder
+    from sionna.phy.mapping import Demapper, Mapper
+
+    crc_enc = CRCEncoder(crc, device=device)
+    enc = LDPC5GEncoder(k, n, num_bits_per_symbol=m, device=device)
+    dec = LDPC5GDecoder(enc, hard_out=True, num_iter=FULL_ITERATIONS, device=device)
+    return (crc_enc, CRCDecoder(crc_enc, device=device), enc, dec,
+            Mapper("qam", m, device=device), Demapper("maxlog", "qam", m, device=device))
+
+
+def _decode(dec, crc_dec, llr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CRC-aided early termination; returns (payload bits, CRC ok) per block."""
+    bits, ok = crc_dec(dec(llr, num_iter=EARLY_ITERATIONS))
+    ok = ok.reshape(-1)
+    retry = (~ok).nonzero().reshape(-1)
+    if len(retry):
+        again, ok_again = crc_dec(dec(llr[retry], num_iter=FULL_ITERATIONS))
+        bits[retry], ok[retry] = again, ok_again.reshape(-1)
+    return bits, ok
+
+
+def transmit(payload: torch.Tensor, plan: BlockLayout, channel: Channel, snr_db: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Send each row of ``payload`` (B, plan.payload_bits) of 0/1 over ``channel`` at ``snr_db``.
+
+    Returns (received bits (B, payload_bits) float 0/1, image ok (B,) bool: all its blocks passed
+    their CRC). Randomness comes from the channel's Sionna generators (seed them to repeat).
+    """
+    batch = payload.shape[0]
+    if payload.shape[1] != plan.payload_bits:
+        raise ValueError(f"payload has {payload.shape[1]} bits per image, the layout carries {plan.payload_bits}")
+    device = _sionna_device(payload.device)
+    m = plan.mcs.bits_per_symbol
+    crc = "CRC16" if plan.crc_bits == 16 else "CRC24A"
+    crc_enc, crc_dec, enc, dec, mapper, demapper = _blocks(plan.info_bits, plan.coded_bits, m, crc, device)
+    u = payload.to(device=device, dtype=torch.float32).reshape(batch * plan.blocks, -1)
+    x = mapper(enc(crc_enc(u))).reshape(batch, plan.symbols)
+    draw = channel.sample(batch, plan.symbols, snr_db, device=device, dtype=x.dtype)
+    y = channel(x, snr_db, draw=draw)
+    no = draw.noise_var.expand(batch, plan.symbols)
+    if draw.h is not None:  # coherent receiver: undo h (and the MMSE gain) exactly
+        h2 = draw.h.real.square() + draw.h.imag.square()
+        gain = draw.h.conj() / (h2 + draw.noise_var) * draw.h if channel.equalize else draw.h
+        y = y / gain
+        no = no / h2
+    llr = demapper(y, no).reshape(batch * plan.blocks, plan.coded_bits)
+    bits, ok = _decode(dec, crc_dec, llr)
+    return bits.reshape(batch, -1).to(payload.device), ok.reshape(batch, plan.blocks).all(1).to(payload.device)

@@ -1,0 +1,175 @@
+"""The separation baseline: codec + 5G LDPC + QAM over semfl's channels, and the capacity bound."""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from semfl.wireless.channel import Channel, seed_channels
+from semfl.wireless import digital, image_codec, separation
+from semfl.wireless.link_table import GAP_DB, MCS, TABLE, capacity_bits, choose_mcs
+
+
+def smooth_images(n: int, seed: int = 0) -> torch.Tensor:
+    """Image-like test inputs: random 7x7 images upsampled to 28x28 (JPEG compresses them)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 1, 7, 7, generator=g)
+    return torch.nn.functional.interpolate(low, size=(28, 28), mode="bilinear", align_corners=False)
+
+
+def test_header_stripping_round_trips_and_counts_the_headers():
+    img = (smooth_images(1)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    for name in image_codec.available():
+        codec = image_codec.ImageCodec(name)
+        payload, file_bytes = codec.encode(img, 30)
+        whole = np.asarray(Image.open(io.BytesIO(codec._file(img, 30))).convert("L")).reshape(img.shape)
+        assert np.array_equal(codec.decode(payload, 30, img.shape), whole)
+        assert file_bytes > len(payload)
+    # JPEG: the stripped part is the same for any content of that size and quality
+    codec = image_codec.ImageCodec("jpeg")
+    other = (smooth_images(1, seed=5)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    (p1, f1), (p2, f2) = codec.encode(img, 30), codec.encode(other, 30)
+    assert f1 - len(p1) == f2 - len(p2) == len(codec._jpeg_prefix(30, img.shape)) + 2
+
+
+def test_bitstream_fields_round_trip_and_respect_the_budget():
+    payload = bytes(range(40))
+    bits = image_codec.to_bits(payload, 7, 400)
+    assert len(bits) == 400
+    assert image_codec.stream_bits(payload, 400) == image_codec.QUALITY_BITS + math.ceil(math.log2(51)) + 320
+    assert image_codec.from_bits(bits, 400) == (7, payload)
+    with pytest.raises(ValueError, match="do not fit"):
+        image_codec.to_bits(payload, 7, 300)
+
+
+def test_bits_per_image_never_exceed_the_channel_budget():
+    enc = separation.EncodedSet(smooth_images(12))
+    for channel_uses in (49, 131, 196, 2000, 9000):
+        for mcs in TABLE:
+            plan = digital.layout(channel_uses, mcs)
+            if plan is None:
+                continue
+            assert plan.symbols <= channel_uses
+            assert plan.payload_bits + plan.blocks * plan.crc_bits <= channel_uses * mcs.bits_per_symbol * mcs.code_rate
+            chosen = enc.choose(np.full(12, plan.payload_bits))
+            for i, q in enumerate(chosen):
+                if q >= 0:
+                    assert image_codec.stream_bits(enc.payloads(q)[i], plan.payload_bits) <= plan.payload_bits
+
+
+def test_capacity_bound_is_k_log2_1_plus_snr_and_monotone():
+    assert capacity_bits(100, 10.0) == math.floor(100 * math.log2(11))  # 345
+    values = [capacity_bits(196, s) for s in np.arange(-5, 30, 0.5)]
+    assert all(b <= a for b, a in zip(values, values[1:])) and values[0] < values[-1]
+
+
+def test_high_snr_bits_are_exact_and_psnr_is_the_codecs_own():
+    images = smooth_images(16)
+    enc = separation.EncodedSet(images)
+    mcs = choose_mcs(40.0)
+    seed_channels(1)
+    plan = digital.layout(196, mcs)
+    chosen = enc.choose(np.full(16, plan.payload_bits))
+    assert (chosen >= 0).all()
+    sent = torch.from_numpy(np.stack([image_codec.to_bits(enc.payloads(q)[i], q, plan.payload_bits)
+                                      for i, q in enumerate(chosen)])).float()
+    received, ok = digital.transmit(sent, plan, Channel("awgn"), 40.0)
+    assert ok.all() and torch.equal(received, sent)
+    recon, info = separation.send_digital(enc, 196, mcs, Channel("awgn"), 40.0, images.mean(0))
+    assert info["lost"] == 0.0
+    own = [np.asarray(Image.open(io.BytesIO(enc.codec._file(enc.u8[i], image_codec.QUALITIES[q])))) for i, q in enumerate(chosen)]
+    own = torch.from_numpy(np.stack(own)).unsqueeze(1).float() / 255
+    assert torch.equal(recon, own)
+    assert separation.quality(recon, images, torch.zeros(16), None)["psnr_db"] == pytest.approx(
+        separation.quality(own, images, torch.zeros(16), None)["psnr_db"], abs=0)
+
+
+def test_below_threshold_blocks_fail_and_the_fallback_is_used():
+    images = smooth_images(16)
+    enc = separation.EncodedSet(images)
+    mcs = MCS(4, 3 / 4)
+    fallback = images.mean(0)
+    seed_channels(2)
+    recon, info = separation.send_digital(enc, 196, mcs, Channel("awgn"), mcs.threshold_db - GAP_DB - 3, fallback)
+    assert info["lost"] == 1.0
+    assert torch.allclose(recon, fallback.expand_as(images), atol=0.5 / 255)
+
+
+def bler(mcs: MCS, snr_db: float, blocks: int = 60, channel_uses: int = 196, seed: int = 0) -> float:
+    plan = digital.layout(channel_uses, mcs)
+    seed_channels(seed)
+    bits = torch.randint(0, 2, (blocks, plan.payload_bits), generator=torch.Generator().manual_seed(seed)).float()
+    _, ok = digital.transmit(bits, plan, Channel("awgn"), snr_db)
+    return 1 - ok.float().mean().item()
+
+
+@pytest.mark.parametrize("mcs", [MCS(2, 1 / 3), MCS(4, 1 / 2), MCS(6, 3 / 4)], ids=lambda m: m.name)
+def test_mcs_table_thresholds_against_a_bler_simulation(mcs):
+    """At its table threshold an entry decodes (BLER <= 10 %); at the Shannon limit it does not."""
+    assert bler(mcs, mcs.threshold_db) <= 0.1
+    assert bler(mcs, mcs.threshold_db - GAP_DB) >= 0.5
+
+
+def test_table_picks_the_most_efficient_usable_entry():
+    assert choose_mcs(-10.0) is None
+    for snr in (0.0, 7.0, 12.5, 25.0):
+        pick = choose_mcs(snr)
+        assert pick.threshold_db <= snr
+        assert all(m.threshold_db > snr for m in TABLE if m.efficiency > pick.efficiency)
+
+
+def test_rayleigh_receiver_undoes_the_semantic_channel_with_or_without_its_equaliser():
+    """Same draws, same received bits: the link uses semfl's Channel and inverts h (and the MMSE gain)."""
+    mcs = MCS(4, 1 / 2)
+    plan = digital.layout(196, mcs)
+    bits = torch.randint(0, 2, (40, plan.payload_bits), generator=torch.Generator().manual_seed(3)).float()
+    out = []
+    for equalize in (True, False):
+        seed_channels(4)
+        out.append(digital.transmit(bits, plan, Channel("rayleigh", equalize=equalize), 12.0))
+    assert torch.equal(out[0][1], out[1][1]) and torch.equal(out[0][0], out[1][0])
+    assert 0 < out[0][1].float().mean() < 1  # deep fades lose some images at 12 dB, not all
+    seed_channels(4)
+    _, ok_awgn = digital.transmit(bits, plan, Channel("awgn"), 12.0)
+    assert ok_awgn.all()
+
+
+def test_sweep_is_repeatable_and_has_the_three_curves():
+    images = smooth_images(8)
+    labels = torch.zeros(8, dtype=torch.long)
+    a = separation.sweep(images, labels, None, 0.25, [5.0, 20.0], design_snr=12.5)
+    b = separation.sweep(images, labels, None, 0.25, [5.0, 20.0], design_snr=12.5)
+    assert list(a) == ["JPEG + LDPC + QAM, adapted", "JPEG + LDPC + QAM, designed for 12.5 dB", "JPEG at capacity"]
+    assert a == b
+    cap = a["JPEG at capacity"]
+    assert cap["psnr_db"][1] >= a["JPEG + LDPC + QAM, adapted"]["psnr_db"][1]
+
+
+def test_a_runs_snr_sweep_carries_the_baseline_at_the_models_ratio(tiny_overrides, tmp_path):
+    import json
+
+    from semfl.config import load_config
+    from semfl.runtimes.run import Runner
+
+    sets = tiny_overrides + ["method=fedavg", "rounds=1", "eval.grid_images=0", "eval.snr_sweep=[0.0, 20.0]",
+                             "eval.digital_baseline=true", "data.test_samples=40"]
+    run_dir = tmp_path / "run"
+    Runner(load_config(None, sets), run_dir, show_progress=False, log=lambda m: None).execute()
+    models = json.loads((run_dir / "snr_sweep.json").read_text())["models"]
+    assert list(models) == ["fedavg", "JPEG + LDPC + QAM, adapted", "JPEG + LDPC + QAM, designed for 12.5 dB",
+                            "JPEG at capacity"]
+    adapted = models["JPEG + LDPC + QAM, adapted"]
+    assert adapted["channel_uses"] == [98, 98]  # the tiny CSC's own 98 symbols for 784 pixels (k/n = 1/8)
+    assert adapted["lost"][0] == 1.0 and adapted["psnr_db"][1] > adapted["psnr_db"][0]
+    assert set(models["fedavg"]) >= {"psnr_db", "accuracy", "ssim"} and set(adapted) >= {"psnr_db", "accuracy", "ssim"}
+
+
+def test_cli_names_a_bad_ratio(capsys):
+    from semfl.cli import main
+
+    assert main(["baseline", "digital", "--ratio", "0"]) == 2
+    assert "--ratio: must be > 0" in capsys.readouterr().err
