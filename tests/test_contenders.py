@@ -91,9 +91,12 @@ def fttq_bits(cfg) -> int:
     from semfl.wireless.channel import Channel
     from semfl.models import ImageSpec, build_model
 
-    model = build_model(cfg.model.arch, cfg.scale, ImageSpec(1, 28, 28, 10), Channel("awgn"))
+    from semfl.methods.compression.fttq import io_layers
+
+    spec = ImageSpec(1, 28, 28, 10)
+    model = build_model(cfg.model.arch, cfg.scale, spec, Channel("awgn"))
     params = dict(model.named_parameters())
-    quantised = set(ternary_layers(params))
+    quantised = set(ternary_layers(params, io_layers(model, spec, "cpu")))
     assert quantised and len(quantised) < len([p for p in params.values() if p.dim() >= 2])
     return sum(2 * p.numel() + 32 if k in quantised else 32 * p.numel() for k, p in params.items())
 
@@ -279,7 +282,7 @@ def test_stc_users_rebuild_the_global_model_bitwise(context):
 
 def test_fttq_uploads_are_ternary(context):
     cfg, m, _, user_data = context("fttq")
-    quantised = set(ternary_layers(dict(m.model.named_parameters())))
+    quantised = set(m.quantised)
     for k in quantised:  # the broadcast model is ternary too
         assert torch.unique(m.global_weights[k]).numel() <= 3
     names_before = [n for n, _ in m.model.named_parameters()]

@@ -34,6 +34,21 @@ def test_mentor_choice_rules():
     assert five.count("gsc-m") == 2 and five.count("gsc-h") == 1 and five[0] == "gsc-m" and five[-1] == "gsc-h"
 
 
+def test_mentor_thresholds_scale_with_user_fraction():
+    import math
+
+    rule = PSFLOptions(mentor_rule="thresholds")
+    held = [math.ceil(0.05 * s) for s in TABLE_I]  # what users hold at data.user_fraction = 0.05 (runtime.run)
+    assert choose_mentors(held, rule, user_fraction=0.05) == ["gsc-m"] * 3 + ["gsc-l"] * 4 + ["gsc-h"] * 2
+    # unscaled, 93-465 samples are all below 4600: every user would silently get GSC-M; that is refused
+    with pytest.raises(ConfigError, match=r"^psfl.mentor_thresholds: \[4600, 7400\] .* give every user gsc-m .*"
+                                          r"change psfl.mentor_thresholds, data.user_fraction or data.max_per_user"):
+        choose_mentors(held, rule)
+    with pytest.raises(ConfigError, match="give every user gsc-l for user sizes 300-300"):
+        choose_mentors([300] * 4, rule, user_fraction=0.05)
+    assert choose_mentors([300], rule, user_fraction=0.05) == ["gsc-l"]  # one user: one mentor is no collapse
+
+
 def test_psfl_config_errors():
     with pytest.raises(ConfigError, match=r"^psfl.mentors"):
         load_config(None, ["method=psfl", "users=2", "psfl.mentors=['gsc-m']"])

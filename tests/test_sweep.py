@@ -86,15 +86,17 @@ def test_shipped_sweeps_expand_to_valid_configs(name):
     for point in sweep.points:
         cfg = point.config()
         assert cfg.rounds <= 10 and cfg.data.user_fraction <= 0.1
-        if cfg.method != "psfl":
+        if cfg.method != "psfl" and point.variant != "centralised-csc":
             assert cfg.model.arch == "gsc-m"
     if name == "sweep-study":
-        assert {p.variant for p in sweep.points} == {"psfl", "psfl-no-pld", "psfl-no-agp", "fedavg", "stc", "fttq",
-                                                     "fedpaq", "fedavg-foundation"}
-        assert len(sweep.points) == 16
-        control = [p.config() for p in sweep.points if p.variant == "fedavg-foundation"]
-        assert all(c.method == "fedavg" and c.table("foundation").global_model for c in control)
-        assert not any(p.config().table("foundation").global_model for p in sweep.points if p.variant == "fedavg")
+        contenders = {"fedavg", "stc", "fttq", "fedpaq", "centralised", "local"}
+        assert {p.variant for p in sweep.points} == ({"psfl", "psfl-no-pld", "psfl-no-agp", "centralised-csc"} | contenders
+                                                     | {f"{m}-foundation" for m in contenders})
+        assert len(sweep.points) == 32
+        for method in contenders:
+            control = [p.config() for p in sweep.points if p.variant == f"{method}-foundation"]
+            assert control and all(c.method == method and c.table("foundation").global_model for c in control)
+            assert not any(p.config().table("foundation").global_model for p in sweep.points if p.variant == method)
 
 
 @pytest.fixture
@@ -169,6 +171,10 @@ def test_tiny_sweep_runs_skips_resumes_and_compares(tiny_sweep, tmp_path, monkey
     # summary numbers are the means over seeds of numbers read straight from metrics.jsonl
     summary = json.loads((out / "summary.json").read_text())["groups"]
     assert set(summary) == {"fedavg", "psfl"}
+    # each group states what it trained on, and how many runs passed the convergence test (2 rounds: none)
+    assert summary["fedavg"]["objective"] == "mse | sgd lr=0.05" and summary["fedavg"]["converged"] == "0/2"
+    assert summary["psfl"]["objective"].startswith("mse + 1*CE(classifier) + 1*KL")
+    assert "| 0/2 | mse \\| sgd lr=0.05 |" in (out / "summary.md").read_text()
     for group in ("fedavg", "psfl"):
         runs = [read_jsonl(out / f"{group}__s{s}" / "metrics.jsonl") for s in (0, 1)]
         final_acc = [[r for r in rows if r["scope"] == "global"][-1]["accuracy"] for rows in runs]

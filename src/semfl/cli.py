@@ -126,7 +126,7 @@ def cmd_pretrain(args) -> int:
     dataset, parts, _ = prepare_data(cfg)
     if not 0 <= args.user < cfg.users:
         raise ConfigError(f"--user: must be in [0, {cfg.users - 1}], got {args.user}")
-    arch = args.arch or choose_mentors([len(p) for p in parts], cfg.table("psfl"))[args.user]
+    arch = args.arch or choose_mentors([len(p) for p in parts], cfg.table("psfl"), cfg.data.user_fraction)[args.user]
     torch.manual_seed(seeding.derive_seed(cfg.seed, "mentor", args.user))
     model = build_model(arch, cfg.scale, dataset.spec, make_channel(cfg.channel))
     images = dataset.train_x[torch.from_numpy(parts[args.user])]

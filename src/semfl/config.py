@@ -112,6 +112,15 @@ class EvalConfig:
     digital_baseline: bool = False
     digital_codec: Literal["jpeg", "webp"] = "jpeg"
     digital_design_snr: float | None = None  # None: the middle of link.snr_min_db..link.snr_max_db
+    # convergence (semfl.convergence): the run has converged when the least-squares slope of the last
+    # converge_window evaluated values of the global converge_metric, relative to their mean, is at
+    # most converge_tolerance per round; the final metrics row and summary.json record the verdict
+    converge_metric: str = "loss"
+    converge_window: int = 5
+    converge_tolerance: float = 0.01
+    # stop after the first evaluated round whose convergence test passes; `rounds` is then the most
+    # the run may take (a sweep counts such a run as done)
+    stop_when_converged: bool = False
 
 
 @dataclass
@@ -423,6 +432,9 @@ def validate(cfg: Config) -> None:
     if e.digital_baseline and e.digital_codec == "webp":
         from PIL import features
         _check(features.check("webp"), "eval.digital_codec: this Pillow has no WebP; use 'jpeg'")
+    _check(e.converge_window >= 2, f"eval.converge_window: must be >= 2 (a slope needs two points), got {e.converge_window}")
+    _check(e.converge_tolerance > 0, f"eval.converge_tolerance: must be > 0, got {e.converge_tolerance}")
+    kinds = typing.get_args(typing.get_type_hints(ChannelConfig)["kind"])
     for kind in e.sweep_channels:
         _check(kind in kinds, f"eval.sweep_channels: unknown channel {kind!r} (allowed: {', '.join(kinds)})")
     _check(cfg.engine.state_memory_mb >= 0, f"engine.state_memory_mb: must be >= 0, got {cfg.engine.state_memory_mb}")

@@ -1,5 +1,5 @@
 """Datasets (official file formats, verified downloads) and federated user partitions."""
-from semfl.data.partition import class_histogram, partition
+from semfl.data.partition import class_histogram, fit_sizes, partition
 from semfl.data.sources import (
     DEBIAN_FASHION_MNIST,
     DataError,
@@ -13,6 +13,7 @@ __all__ = [
     "DataError",
     "ImageDataset",
     "class_histogram",
+    "fit_sizes",
     "load_dataset",
     "partition",
     "resolve_root",

@@ -60,6 +60,20 @@ def partition(
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
+def fit_sizes(sizes: list[int], n: int) -> list[int]:
+    """Per-user sizes as relative volumes that fit ``n`` samples: unchanged when they sum to at most
+    ``n`` (Table I on a full dataset), else each scaled by n / sum and rounded down (at least 1), so a
+    smaller dataset (8,000 MNIST images, say) keeps Table I's proportions. An error names the
+    fields to change when not even one sample per user fits."""
+    total = sum(sizes)
+    if total <= n:
+        return list(sizes)
+    if len(sizes) > n:
+        raise DataError(f"data.sizes: {len(sizes)} users but only {n} training samples; lower users "
+                        "(and data.sizes with it) or use a larger dataset")
+    return [max(1, s * n // total) for s in sizes]
+
+
 def class_histogram(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
     """(users, classes) sample counts."""
     labels = _check_labels(labels)

@@ -188,12 +188,21 @@ def summarise(groups: dict[str, list[RunData]]) -> dict[str, dict]:
     out = {}
     for name, runs in groups.items():
         entry: dict = {"runs": [r.name for r in runs], "seeds": [r.seed for r in runs],
-                       "method": runs[0].method}
+                       "method": runs[0].method, **objective_and_convergence(runs)}
         for key, (fn, _) in SUMMARY_KEYS.items():
             values = [fn(r) for r in runs]
             entry[key] = {"mean": mean_std(values)[0], "std": mean_std(values)[1], "values": values}
         out[name] = entry
     return out
+
+
+def objective_and_convergence(runs: list[RunData]) -> dict:
+    """What the group trained on (metrics row 0's train_objective, semfl.objective) and how many of its
+    runs passed the convergence test (the final row's ``converged``, semfl.convergence)."""
+    objectives = sorted({str(r.globals[0]["train_objective"]) for r in runs if r.globals and "train_objective" in r.globals[0]})
+    verdicts = [r.globals[-1].get("converged") for r in runs if r.globals]
+    return {"objective": " / ".join(objectives) or "not recorded",
+            "converged": f"{sum(v is True for v in verdicts)}/{len(runs)}"}
 
 
 # ------------------------------------------------------------------ figures
@@ -350,11 +359,12 @@ def _fmt(mean, std, key: str) -> str:
 
 def summary_markdown(summary: dict[str, dict]) -> str:
     cols = shown_columns(summary)
-    head = "| group | runs | " + " | ".join(SUMMARY_KEYS[c][1] for c in cols) + " |\n"
-    head += "|---" * (len(cols) + 2) + "|\n"
+    head = "| group | runs | " + " | ".join(SUMMARY_KEYS[c][1] for c in cols) + " | converged | trained on |\n"
+    head += "|---" * (len(cols) + 4) + "|\n"
     body = ""
     for name, entry in summary.items():
         cells = [_fmt(entry[c]["mean"], entry[c]["std"], c) for c in cols]
+        cells += [entry.get("converged", "–"), entry.get("objective", "–").replace("|", "\\|")]
         body += f"| {name} | {len(entry['runs'])} | " + " | ".join(cells) + " |\n"
     return head + body
 
@@ -391,10 +401,12 @@ def write_comparison(dirs: Iterable[str | Path], out: str | Path, title: str = "
     md = f"# {title}\n\n{summary_markdown(summary)}\n" + "".join(f"- {n}\n" for n in notes)
     atomic_text(out / "summary.md", md)
     cols = shown_columns(summary)
-    head = "<tr><th>group</th><th>runs</th>" + "".join(f"<th>{html.escape(SUMMARY_KEYS[c][1])}</th>" for c in cols) + "</tr>"
+    head = ("<tr><th>group</th><th>runs</th>" + "".join(f"<th>{html.escape(SUMMARY_KEYS[c][1])}</th>" for c in cols)
+            + "<th>converged</th><th>trained on</th></tr>")
     body = "".join(
         f"<tr><td style='text-align:left'>{html.escape(n)}</td><td>{len(e['runs'])}</td>"
-        + "".join(f"<td>{html.escape(_fmt(e[c]['mean'], e[c]['std'], c))}</td>" for c in cols) + "</tr>"
+        + "".join(f"<td>{html.escape(_fmt(e[c]['mean'], e[c]['std'], c))}</td>" for c in cols)
+        + f"<td>{html.escape(e['converged'])}</td><td style='text-align:left'>{html.escape(e['objective'])}</td></tr>"
         for n, e in summary.items())
     run_list = "".join(f"<li>{html.escape(n)}: " + ", ".join(
         f"<a href='{html.escape(_rel(r.path, out))}/report.html'>{html.escape(r.name)}</a>" for r in rs) + "</li>"

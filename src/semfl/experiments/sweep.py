@@ -213,7 +213,9 @@ def _flatten(table: dict[str, Any], prefix: str):
 
 # ------------------------------------------------------------------ state of run directories
 
-def checkpoint_round(run_dir: Path) -> int | None:
+def checkpoint_round(run_dir: Path, cfg: Config | None = None) -> int | None:
+    """The last round in a run's checkpoint; with ``cfg``, a run that stopped on convergence
+    (eval.stop_when_converged) counts as having reached cfg.rounds."""
     from semfl.protocol.checkpoint import load_checkpoint
     from semfl.runtimes.run import CHECKPOINT
 
@@ -223,9 +225,12 @@ def checkpoint_round(run_dir: Path) -> int | None:
     try:
         import torch
 
-        return int(torch.load(path, weights_only=False, map_location="cpu", mmap=True)["round"])
+        state = torch.load(path, weights_only=False, map_location="cpu", mmap=True)
     except Exception:  # noqa: BLE001 - older formats: a plain load
-        return int(load_checkpoint(path)["round"])
+        state = load_checkpoint(path)
+    if cfg is not None and state.get("stopped_converged"):
+        return cfg.rounds
+    return int(state["round"])
 
 
 def run_state(run_dir: Path, cfg: Config) -> str:
@@ -236,7 +241,7 @@ def run_state(run_dir: Path, cfg: Config) -> str:
         return "new"
     if dump_config(load_config(config_path)) != dump_config(cfg):
         raise ConfigError(f"{run_dir}: holds a run with a different config; delete it or sweep into another --out")
-    round_ = checkpoint_round(run_dir)
+    round_ = checkpoint_round(run_dir, cfg)
     if round_ is not None and round_ >= cfg.rounds and (run_dir / "report.html").is_file():
         return "done"
     return "resume"
@@ -362,6 +367,7 @@ def run_sweep(sweep: Sweep, out: Path, cli_sets: list[str] | None = None, quiet:
                                 f"({counts['done']} done, {counts['resume']} to resume, {counts['new']} new"
                                 f"{', %d invalid' % counts['invalid'] if counts['invalid'] else ''}) -> {out}", False))
     write_sweep_json(sweep, out, cli_sets)
+    _warn_objectives(sweep, console)
     todo = []
     for i, point in enumerate(sweep.points, 1):
         if point.state == "done":
@@ -411,12 +417,21 @@ def run_sweep(sweep: Sweep, out: Path, cli_sets: list[str] | None = None, quiet:
     return 0
 
 
+def _warn_objectives(sweep: Sweep, console) -> None:
+    """Say which compared points train on another objective without naming it (semfl.objective)."""
+    from semfl.experiments.objectives import objective_conflicts
+
+    for line in objective_conflicts(sweep):
+        console.print(f"[yellow]objective differs: {line}[/]")
+
+
 def dry_run(sweep: Sweep, out: Path) -> int:
     from rich.console import Console
 
     plan(sweep, Path(out))
     console = Console()
     console.print(_table(sweep, f"sweep {sweep.name}: {len(sweep.points)} points -> {out} (dry run)", False))
+    _warn_objectives(sweep, console)
     for p in sweep.points:
         console.print(f"{p.label}: {' '.join(p.overrides) or '(base config)'}", highlight=False, soft_wrap=True)
     return 1 if any(p.state == "invalid" for p in sweep.points) else 0

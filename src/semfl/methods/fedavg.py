@@ -8,6 +8,7 @@ import torch
 from semfl.wireless.codecs import Payload
 from semfl.methods.foundation import start_from_foundation
 from semfl.protocol.method import Method, register_method
+from semfl.objective import Objective
 from semfl.protocol.context import UserContext
 from semfl.training import evaluate_semantic, load_weights, local_train, weights_of
 from semfl.methods.common import build_semantic_model, finish_semantic, loss_rows, reply_meta, send_and_average, train_snr
@@ -22,6 +23,13 @@ class FedAvg(Method):
         self.model = build_semantic_model(run, self.cfg.model.arch)  # the one working model
         start_from_foundation(run, self.model, self.cfg.model.arch, lambda: build_semantic_model(run, self.cfg.model.arch))
         self.global_weights = weights_of(self.model)
+
+    @classmethod
+    def objective(cls, cfg) -> Objective:
+        """MSE + train.task_weight * CE (training.local_train) with train.optimizer at train.lr, plus
+        the model's own term where it has one (VQ-JSCC's codeword-usage term)."""
+        extra = ("model.aux(codeword usage)",) if cfg.model.arch.startswith("vq") else ()
+        return Objective(cfg.train.task_weight, cfg.train.optimizer, cfg.train.lr, extra)
 
     def handlers(self):
         handlers = {"train": self.user_train}

@@ -14,6 +14,7 @@ from semfl.config import Config
 from semfl.data import ImageDataset
 from semfl.wireless.link import Link
 from semfl.models import ImageSpec
+from semfl.objective import Objective
 from semfl.protocol.transport import Transport
 
 _METHODS: dict[str, type["Method"]] = {}
@@ -61,6 +62,12 @@ class Method:
         self.run = run
         self.cfg = run.cfg
         self.transport = transport
+
+    @classmethod
+    def objective(cls, cfg: Config) -> "Objective | None":
+        """The loss, optimiser and learning rate its shared model trains with (semfl.objective);
+        None where the method does not state one."""
+        return None
 
     def handlers(self) -> dict[str, Callable]:
         raise NotImplementedError

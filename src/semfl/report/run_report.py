@@ -35,7 +35,7 @@ def _fmt(value) -> str:
 
 STYLE = """body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}
 img{max-width:100%}figure{display:inline-block;margin:.5em}table{border-collapse:collapse;font-size:12px}
-td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}pre{background:#f4f4f4;padding:.5em;font-size:11px}"""
+td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}.warn{color:#a00;font-weight:bold}pre{background:#f4f4f4;padding:.5em;font-size:11px}"""
 
 
 def write_run_report(run_dir: Path, summary: dict | None = None) -> Path:
@@ -57,6 +57,8 @@ def write_run_report(run_dir: Path, summary: dict | None = None) -> Path:
     keys = ["round"] + [k for k in GLOBAL_KEYS + ROUND_KEYS + ("wall_s",) if any(k in r for r in globals_)]
     config = (run_dir / "config.toml").read_text() if (run_dir / "config.toml").is_file() else ""
     summary_html = _table([summary], list(summary)) if summary else ""
+    if summary and summary.get("converged") is False:  # a run stopped before its curve flattened
+        summary_html = f'<p class="warn">{html.escape(str(summary.get("convergence", "not converged")))}</p>' + summary_html
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>semfl run {html.escape(run_dir.name)}</title>
 <style>{STYLE}</style></head><body><h1>semfl run: {html.escape(run_dir.name)}</h1>
 {summary_html}<h2>Figures</h2>{''.join(_img(p) for p in images)}

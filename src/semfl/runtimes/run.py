@@ -18,6 +18,7 @@ import torch
 
 from semfl import data as datamod
 from semfl.config import Config, ConfigError, dump_config, load_config
+from semfl.convergence import run_verdict
 from semfl.wireless.link import Link, round_totals
 from semfl.methods import get_method
 from semfl.protocol.method import RunContext, bind
@@ -43,7 +44,7 @@ def prepare_data(cfg: Config):
     labels = dataset.train_y.numpy()
     parts = datamod.partition(labels, cfg.users, cfg.data.partition, seed=seeding.derive_seed(cfg.seed, "partition"),
                               alpha=cfg.data.dirichlet_alpha, ways=cfg.data.ways, shots=cfg.data.shots,
-                              sigma=cfg.data.ways_shots_sigma, sizes=cfg.data.sizes or None,
+                              sigma=cfg.data.ways_shots_sigma, sizes=fitted_sizes(cfg, len(labels)),
                               num_classes=dataset.num_classes)
     if cfg.data.user_fraction < 1:
         rng = seeding.numpy_rng(cfg.seed, "fraction")
@@ -57,6 +58,11 @@ def prepare_data(cfg: Config):
     return dataset, parts, test_idx
 
 
+def fitted_sizes(cfg: Config, available: int) -> list[int] | None:
+    """data.sizes as relative volumes scaled to fit the dataset's training samples (data.fit_sizes)."""
+    return datamod.fit_sizes(cfg.data.sizes, available) if cfg.data.sizes else None
+
+
 def build_context(cfg: Config, out_dir: Path | None, log: Callable[[str], None] = print,
                   progress: RunProgress | None = None, with_user_data: bool = True):
     """The run context and, with `with_user_data`, every user's (x, y) on the device (a Flower base
@@ -65,6 +71,9 @@ def build_context(cfg: Config, out_dir: Path | None, log: Callable[[str], None] 
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {cfg.device} requested but CUDA is not available")
     dataset, parts, test_idx = prepare_data(cfg)
+    if cfg.data.sizes and sum(cfg.data.sizes) > len(dataset.train_y):
+        log(f"data.sizes sum to {sum(cfg.data.sizes)} but {cfg.dataset} has {len(dataset.train_y)} training images: "
+            f"used as relative volumes, scaled to {fitted_sizes(cfg, len(dataset.train_y))}")
     cache_dir = run_cache_dir(cfg)
     from semfl.models.classifier import CLASSIFIER_PRESETS
 
@@ -173,7 +182,9 @@ class Runner:
             if start == 1 and not rows:
                 seeding.enter(self.cfg.seed, 0, "eval")
                 rows = self._evaluate(method, 0, {})
+                next(r for r in rows if r["scope"] == "global").update(self._objective_fields(method_cls))
                 self._append(rows)
+            history = [r for r in rows if r.get("scope") == "global"]  # for the convergence test
             self.progress.start_rounds(start)
             energy = sum(r.get("uplink_energy_j", 0.0) for r in rows if r.get("scope") == "global")
             for round_ in range(start, self.cfg.rounds + 1):
@@ -206,20 +217,44 @@ class Runner:
                 info["cumulative_uplink_energy_j"] = energy
                 info["wall_s"] = wall
                 new_rows = self._round_rows(method, round_, info, link_rows)
+                history += [r for r in new_rows if r.get("scope") == "global"]
+                stop = self._stops(round_, history)
+                if round_ == self.cfg.rounds or stop:
+                    new_rows[0].update(self._convergence(history).fields())
                 self._append(new_rows)
                 state = {"round": round_, "method": method.state_dict(), "transport": transport.state_dict(),
-                         "wall_s": wall}
+                         "wall_s": wall, "stopped_converged": stop}
                 save_checkpoint(self.out / CHECKPOINT, state)
                 if self.cfg.log.checkpoint_every and round_ % self.cfg.log.checkpoint_every == 0:
                     keep_checkpoint(self.out, round_, state["transport"])
                 transport.checkpoint_saved()
                 self.progress.end_round(round_, new_rows[0])
+                if stop:
+                    self.log(f"round {round_}: converged, stopping before rounds = {self.cfg.rounds} (eval.stop_when_converged)")
+                    break
             self.log("finishing: figures and report")
             seeding.enter(self.cfg.seed, "finish")
-            summary = method.finish(self.out)
+            summary = method.finish(self.out) or {}
+        summary = {**summary, **self._objective_fields(method_cls),
+                   **self._convergence(read_jsonl(self.metrics_path)).fields()}
+        atomic_text(self.out / "summary.json", json.dumps(summary, indent=1, default=str))
         from semfl.report import write_run_report
 
         write_run_report(self.out, summary)
+
+    def _objective_fields(self, method_cls) -> dict:
+        """What the run trains on (semfl.objective), for metrics row 0 and summary.json."""
+        objective = method_cls.objective(self.cfg)
+        return objective.fields() if objective is not None else {"train_objective": "not stated by the method"}
+
+    def _stops(self, round_: int, history: list[dict]) -> bool:
+        """eval.stop_when_converged: stop after an evaluated round, before the last, whose test passes."""
+        return (self.cfg.eval.stop_when_converged and round_ < self.cfg.rounds and self.cfg.evaluates(round_)
+                and self._convergence(history).converged)
+
+    def _convergence(self, rows: list[dict]):
+        e = self.cfg.eval
+        return run_verdict(rows, e.converge_metric, e.converge_window, e.converge_tolerance)
 
     def _restore(self, method, transport) -> tuple[int, list[dict], float]:
         ckpt_path = self.out / CHECKPOINT
@@ -233,6 +268,8 @@ class Runner:
         rows = [r for r in read_jsonl(self.metrics_path) if r["round"] <= state["round"]]
         write_jsonl(self.metrics_path, rows)
         self.log(f"resuming after round {state['round']}")
+        if state.get("stopped_converged"):  # it stopped on convergence: nothing left but to finish
+            return self.cfg.rounds + 1, rows, state["wall_s"]
         return state["round"] + 1, rows, state["wall_s"]
 
     def _evaluate(self, method, round_: int, info: dict) -> list[dict]:

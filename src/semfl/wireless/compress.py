@@ -170,12 +170,18 @@ class TernaryQuant(torch.autograd.Function):
         return grad_theta, grad_wp, None
 
 
-def ternary_layers(named_params: Iterable[tuple[str, Tensor]] | Mapping[str, Tensor]) -> list[str]:
-    """Names of the tensors FTTQ quantises: weights with dim >= 2 ('...weight'), except the first
-    and the last such tensor; biases and norm parameters (1-D) stay full precision."""
+def ternary_layers(named_params: Iterable[tuple[str, Tensor]] | Mapping[str, Tensor],
+                   full_precision: Iterable[str] | None = None) -> list[str]:
+    """Names of the tensors FTTQ quantises: weights with dim >= 2 ('...weight'), except those named in
+    ``full_precision`` (FTTQ passes the layers that read the input and write the output, found by data
+    flow: semfl.methods.compression.fttq.io_layers) or, without it, the first and the last such tensor in
+    registration order; biases and norm parameters (1-D) stay full precision."""
     items = named_params.items() if isinstance(named_params, Mapping) else named_params
     names = [n for n, t in items if t.dim() >= 2 and n.split(".")[-1].endswith("weight")]
-    return names[1:-1]
+    if full_precision is None:
+        return names[1:-1]
+    keep = set(full_precision)
+    return [n for n in names if n not in keep]
 
 
 # --------------------------------------------------------------------------- QSGD

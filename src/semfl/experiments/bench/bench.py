@@ -149,7 +149,7 @@ def plain_psfl(cfg, run, user_data) -> float:
     sync(run.device)
     tic = time.perf_counter()
     # the engine builds each user's mentor in round 1 too: timed on both sides
-    mentor_archs = choose_mentors(run.user_sizes, cfg.table("psfl"))
+    mentor_archs = choose_mentors(run.user_sizes, cfg.table("psfl"), cfg.data.user_fraction)
     mentors = [build_semantic_model(run, a) for a in mentor_archs]
     mentor_opts = [make_optimizer(m.parameters(), cfg.train) for m in mentors]
     for round_ in range(1, cfg.rounds + 1):

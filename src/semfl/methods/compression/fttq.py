@@ -1,7 +1,9 @@
 """FTTQ / T-FedAvg (Xu et al. 2020): federated trained ternary quantisation.
 
-Quantised tensors are those of semfl.wireless.compress.ternary_layers (weights with dim >= 2 except the
-first and the last; biases and norms stay full precision). A user loads the broadcast model,
+Quantised tensors are those of semfl.wireless.compress.ternary_layers: weights with dim >= 2 except the
+layer that reads the input and the layer that writes the output, found by data flow (io_layers:
+the first and last layers with a weight that run in a forward pass, which on GSC are the patch
+embedding and decoder_pred, not the first and last registered); biases and norms stay full precision. A user loads the broadcast model,
 keeps its ternary tensors as the latent full-precision weights theta, and trains with
 theta^t = TernaryQuant(theta, w_p) in the forward pass (straight-through gradients; one learnable
 scale w_p per quantised tensor, initialised to the broadcast tensor's scale, 1 if it is all zero)
@@ -76,6 +78,33 @@ def requantise(theta: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.where(theta > delta, w, torch.where(theta < -delta, -w, zero))
 
 
+def io_layers(model: nn.Module, spec, device) -> tuple[str, str]:
+    """The weights (dim >= 2) of the layer that reads the input and of the layer that writes the output:
+    forward hooks on every module that owns such a weight record the order in which they run on a
+    dummy batch; the first to start and the last to finish. The random state is left as it was."""
+    from semfl.wireless.channel import preserved_rng
+
+    owners = {module: f"{prefix}.{name}" if prefix else name
+              for prefix, module in model.named_modules()
+              for name, p in module.named_parameters(recurse=False) if p.dim() >= 2 and name.endswith("weight")}
+    started, finished = [], []
+    hooks = [m.register_forward_pre_hook(lambda m, args: started.append(owners[m])) for m in owners]
+    hooks += [m.register_forward_hook(lambda m, args, out: finished.append(owners[m])) for m in owners]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), preserved_rng(device):
+            images = torch.zeros(2, spec.channels, spec.height, spec.width, device=device)
+            model(images, torch.full((2,), 10.0, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    if not started:
+        raise ValueError("fttq: the model ran no layer with a weight matrix")
+    return started[0], finished[-1]
+
+
 @register_method
 class FTTQ(FedAvg):
     """FedAvg's evaluation, checkpoint and finish on the ternary global model."""
@@ -85,7 +114,7 @@ class FTTQ(FedAvg):
     def __init__(self, run, transport):
         super().__init__(run, transport)
         self.options: FTTQOptions = self.cfg.table("fttq")
-        self.quantised = ternary_layers(dict(self.model.named_parameters()))
+        self.quantised = ternary_layers(dict(self.model.named_parameters()), io_layers(self.model, run.spec, run.device))
         self.global_weights = self.requantise(self.global_weights)
 
     def requantise(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from semfl.config import ConfigError, register_table
 from semfl.methods.foundation import foundation_weights, start_from_foundation
 from semfl.protocol.method import Method, register_method
 from semfl.methods.common import build_semantic_model, finish_semantic, train_snr
+from semfl.objective import Objective
 from semfl.methods.psfl.pld import pld_train
 from semfl.methods.psfl.privacy import DPConfig, PrivacyAccountant, mask_update, privatize, unmask_sum
 from semfl.protocol import seeding
@@ -37,8 +38,10 @@ MENTORS = ("gsc-m", "gsc-l", "gsc-h")
 @dataclass
 class PSFLOptions:
     mentor_rule: str = "rank"  # rank: Table I shares by data size (3/9 M, 4/9 L, 2/9 H); thresholds: by size
-    # size < t0 -> M, < t1 -> L, else H; the defaults sit midway between Table I's groups (4429 | 4783,
-    # 5891 | 8958), so they give its 3/4/2 split on its sizes; sizes are samples, so scale them with the data
+    # size < t0 -> M, < t1 -> L, else H, in Table I samples: the defaults sit midway between Table I's
+    # groups (4429 | 4783, 5891 | 8958), so they give its 3/4/2 split on its sizes. They scale with
+    # data.user_fraction (users hold that fraction of their Table I volume), and a run where they
+    # would give every user the same mentor stops with an error naming the fields to change
     mentor_thresholds: list[int] = field(default_factory=lambda: [4600, 7400])
     mentors: list[str] = field(default_factory=list)  # per-user override, e.g. ["gsc-m", "gsc-h", ...]
     pld: bool = True  # False = ablation "w/o PLD": every user takes GSC-M as mentor
@@ -80,15 +83,24 @@ class PSFLOptions:
 register_table("psfl", PSFLOptions)
 
 
-def choose_mentors(sizes: list[int], options: PSFLOptions) -> list[str]:
-    """Each user's mentor from its resources (local data size), PSFL Table I, or the per-user override."""
+def choose_mentors(sizes: list[int], options: PSFLOptions, user_fraction: float = 1.0) -> list[str]:
+    """Each user's mentor from its resources (local data size), PSFL Table I, or the per-user override.
+    ``user_fraction``: data.user_fraction, the share of its volume each user holds (the thresholds are
+    in full volumes, so they are scaled by it)."""
     if not options.pld:
         return ["gsc-m"] * len(sizes)
     if options.mentors:
         return list(options.mentors)
     if options.mentor_rule == "thresholds":
-        low, high = options.mentor_thresholds
-        return ["gsc-m" if s < low else "gsc-l" if s < high else "gsc-h" for s in sizes]
+        low, high = (t * user_fraction for t in options.mentor_thresholds)
+        mentors = ["gsc-m" if s < low else "gsc-l" if s < high else "gsc-h" for s in sizes]
+        if len(sizes) > 1 and len(set(mentors)) == 1:
+            raise ConfigError(
+                f"psfl.mentor_thresholds: {options.mentor_thresholds} (x data.user_fraction {user_fraction:g} = "
+                f"[{low:g}, {high:g}] samples) give every user {mentors[0]} for user sizes {min(sizes)}-{max(sizes)}; "
+                "change psfl.mentor_thresholds, data.user_fraction or data.max_per_user, or use "
+                "psfl.mentor_rule = 'rank' or psfl.mentors")
+        return mentors
     # rank: the smallest third -> M, the largest 2/9 -> H, the rest -> L (3/4/2 of 9 users)
     k = len(sizes)
     n_m, n_h = round(k * 3 / 9), round(k * 2 / 9)
@@ -114,7 +126,7 @@ class PSFL(Method):
         self.global_weights = weights_of(self.student)
         self.masks: dict[str, torch.Tensor] | None = None
         self.prune_ratio = 0.0
-        self.mentor_of = choose_mentors(run.user_sizes, self.options)
+        self.mentor_of = choose_mentors(run.user_sizes, self.options, self.cfg.data.user_fraction)
         self._mentors: dict[str, torch.nn.Module] = {}  # one working mentor per architecture
         self.user_rows: dict[int, dict] = {}
         self.accountant = None
@@ -127,6 +139,16 @@ class PSFL(Method):
             # loaded (or pretrained) once here, where forked workers inherit them, not once per worker
             for arch in sorted(set(self.mentor_of)):
                 foundation_weights(run, arch, lambda arch=arch: build_semantic_model(run, arch))
+
+    @classmethod
+    def objective(cls, cfg) -> Objective:
+        """The student's loss (eq 25): its task loss (20) mse + ce_weight * CE, plus the weighted
+        distillation (22) and semantic (23) terms; train.optimizer at train.lr (the mentors' own rate
+        is psfl.mentor_lr, but mentors are not what is compared)."""
+        o: PSFLOptions = cfg.table("psfl")
+        terms = ((o.dis_weight, "KL(mentor||student)/task'"), (o.sem_weight, "sem(mentor,student)/(task+task')"))
+        extra = tuple(f"{w:g}*{term}" for w, term in terms if w)
+        return Objective(o.ce_weight, cfg.train.optimizer, cfg.train.lr, extra)
 
     # ---------------------------------------------------------------- users
     def handlers(self):
