@@ -277,11 +277,15 @@ seed = [0, 1]
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(CONFIGS.parent)) for p in CONFIGS.parent.rglob("*.toml")))
 def test_every_shipped_config_and_sweep_loads(path):
-    """Every TOML under configs/ is a valid config, or a sweep whose every point is one."""
+    """Every TOML under configs/ is a valid config, a sweep whose every point is one, or a claims file."""
     import tomllib
 
+    from semfl.experiments.claims import load_claims
+
     file = CONFIGS.parent / path
-    if "sweep" in tomllib.loads(file.read_text()):
+    if file.parent.name == "claims":
+        assert load_claims(file).claims
+    elif "sweep" in tomllib.loads(file.read_text()):
         sweep = load_sweep(file)
         assert sweep.points and all(point.config() for point in sweep.points)
     else:

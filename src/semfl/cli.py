@@ -181,6 +181,30 @@ def _register_baseline(sub) -> None:
 _EXTRA_COMMANDS.append(_register_baseline)
 
 
+def _cmd_verify(args) -> int:
+    from semfl.experiments.verify import cmd_verify  # scipy, torch and the sweep machinery load only here
+
+    return cmd_verify(args)
+
+
+def _register_verify(sub) -> None:
+    p = sub.add_parser("verify", help="check a paper's claims (configs/claims/PAPER.toml): paired differences "
+                                      "over seeds with 95 %% intervals and verdicts")
+    p.add_argument("paper", help="psfl, fedcl, fedsfr, finefed (configs/claims/<paper>.toml) or a claims file")
+    p.add_argument("--runs", help="folder of the claims' sweeps (default runs/verify/<paper>)")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds to use (default: the claims file's reporting seeds)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override every run of the claims (sweep.KEY=VALUE edits the sweep grids)")
+    p.add_argument("--claims", nargs="+", metavar="ID", help="only these claims")
+    p.add_argument("--run-missing", action="store_true", help="run (or resume) the runs that have not finished")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="with --run-missing: N runs at once")
+    p.add_argument("--out", help="verdict table file (default <runs>/verdicts.md; a .json copy beside it)")
+    p.set_defaults(func=_cmd_verify)
+
+
+_EXTRA_COMMANDS.append(_register_verify)
+
+
 def _register_deploy(sub) -> None:
     from semfl.runtimes.flower import deploy
 

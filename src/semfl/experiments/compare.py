@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import html
 import json
-import re
 import sys
-import tomllib
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -32,123 +29,9 @@ from matplotlib.ticker import MaxNLocator
 
 from semfl.report import plots
 from semfl.report.plots import plt, save
-from semfl.files import atomic_text, read_jsonl
+from semfl.files import atomic_text
+from semfl.experiments.runs import RunData, _is_run, group_runs, load_run, load_runs, seedless_name  # noqa: F401
 
-
-@dataclass
-class RunData:
-    path: Path
-    config: dict
-    rows: list[dict]
-    name: str = ""
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        self.name = self.name or self.path.name
-
-    @property
-    def method(self) -> str:
-        return str(self.config.get("method") or next((r.get("method") for r in self.rows if "method" in r), "?"))
-
-    @property
-    def seed(self) -> int:
-        return int(self.config.get("seed", 0))
-
-    def scope(self, scope: str) -> list[dict]:
-        return [r for r in self.rows if r.get("scope") == scope]
-
-    @property
-    def globals(self) -> list[dict]:
-        return sorted(self.scope("global"), key=lambda r: r["round"])
-
-    @property
-    def links(self) -> list[dict]:
-        return self.scope("link")
-
-    def final(self, key: str):
-        """The value of ``key`` in the last global row that has it (None if none)."""
-        for row in reversed(self.globals):
-            if isinstance(row.get(key), (int, float)):
-                return float(row[key])
-        return None
-
-    def total(self, key: str) -> float | None:
-        """Sum of ``key`` over link rows (falls back to global per-round totals)."""
-        links = [r[key] for r in self.links if isinstance(r.get(key), (int, float))]
-        if links:
-            return float(sum(links))
-        rows = [r[key] for r in self.globals if r["round"] >= 1 and isinstance(r.get(key), (int, float))]
-        return float(sum(rows)) if rows else None
-
-    def per_round_link_sum(self, key: str) -> dict[int, float]:
-        out: dict[int, float] = defaultdict(float)
-        for r in self.links:
-            if isinstance(r.get(key), (int, float)):
-                out[r["round"]] += r[key]
-        return dict(sorted(out.items()))
-
-    def final_user_mean(self, key: str) -> float | None:
-        """Mean over users of ``key`` at the last round where user rows have it (None if none)."""
-        users = [r for r in self.scope("user") if isinstance(r.get(key), (int, float))]
-        if not users:
-            return None
-        last = max(r["round"] for r in users)
-        return float(np.mean([r[key] for r in users if r["round"] == last]))
-
-    def final_user_values(self) -> tuple[str, dict[int, float]] | None:
-        """(metric, {user: value}) at the last round with per-user accuracy, or None."""
-        for key in ("student_accuracy", "accuracy"):
-            users = [r for r in self.scope("user") if isinstance(r.get(key), (int, float))]
-            if users:
-                last = max(r["round"] for r in users)
-                return key, {int(r["user"]): float(r[key]) for r in users if r["round"] == last}
-        return None
-
-
-def _is_run(path: Path) -> bool:
-    return (path / "metrics.jsonl").is_file()
-
-
-def load_run(path: Path) -> RunData:
-    path = Path(path)
-    config = {}
-    if (path / "config.toml").is_file():
-        config = tomllib.loads((path / "config.toml").read_text())
-    return RunData(path=path, config=config, rows=read_jsonl(path / "metrics.jsonl"))
-
-
-def load_runs(dirs: Iterable[str | Path]) -> list[RunData]:
-    """Every run directory in ``dirs``; a folder that is not a run contributes its run subfolders."""
-    found: list[Path] = []
-    for d in dirs:
-        d = Path(d)
-        if _is_run(d):
-            found.append(d)
-        elif d.is_dir():
-            found.extend(sub for sub in sorted(d.iterdir()) if sub.is_dir() and _is_run(sub))
-    runs, seen = [], set()
-    for path in found:  # a run named twice (a sweep folder and one of its runs) is one seed, not two
-        if path.resolve() not in seen:
-            seen.add(path.resolve())
-            runs.append(load_run(path))
-    return runs
-
-
-def seedless_name(run: RunData) -> str:
-    """The run's name without its seed: ``__s0`` from sweeps, ``-s0`` from ``semfl run``, ``-s0-flower``
-    from ``semfl deploy local`` (-> ``-flower``) and ``-seed0`` from ``flwr run``."""
-    name = re.sub(rf"(__|-)(s|seed){run.seed}(?=$|-)", "", run.name)
-    return name or run.name
-
-
-def group_runs(runs: list[RunData], key: Callable[[RunData], str] = seedless_name) -> dict[str, list[RunData]]:
-    groups: dict[str, list[RunData]] = {}
-    for run in runs:
-        groups.setdefault(key(run), []).append(run)
-    return groups
-
-
-# ------------------------------------------------------------------ numbers
 
 SUMMARY_KEYS = {  # column -> (function of a run, label)
     "final_accuracy": (lambda r: r.final("accuracy"), "final accuracy"),
@@ -376,8 +259,9 @@ def _img(path: Path) -> str:
 
 
 def write_comparison(dirs: Iterable[str | Path], out: str | Path, title: str = "comparison",
-                     key: Callable[[RunData], str] = seedless_name) -> Path:
-    """Figures, summary.json, summary.md and report.html for the runs in ``dirs``, written to ``out``."""
+                     key: Callable[[RunData], str] = seedless_name, claims: str | Path | None = None) -> Path:
+    """Figures, summary.json, summary.md and report.html for the runs in ``dirs``, written to ``out``;
+    with ``claims`` (a claims file) also each claim's paired difference, 95 % interval and verdict."""
     from semfl.report.run_report import STYLE
 
     out = Path(out)
@@ -395,11 +279,13 @@ def write_comparison(dirs: Iterable[str | Path], out: str | Path, title: str = "
         plot_mentor_student(groups, figs / "compare_mentor_student.png"),
     ]
     summary = summarise(groups)
+    verdicts_md, verdicts = _claims_section(claims, groups)
     atomic_text(out / "summary.json", json.dumps({"title": title, "groups": summary,
-                                                  "std": "sample standard deviation over the group's runs (0 for one run)"},
+                                                  "std": "sample standard deviation over the group's runs (0 for one run)",
+                                                  **({"claims": verdicts} if claims else {})},
                                                  indent=1))
     md = f"# {title}\n\n{summary_markdown(summary)}\n" + "".join(f"- {n}\n" for n in notes)
-    atomic_text(out / "summary.md", md)
+    atomic_text(out / "summary.md", md + (f"\n{verdicts_md}" if claims else ""))
     cols = shown_columns(summary)
     head = ("<tr><th>group</th><th>runs</th>" + "".join(f"<th>{html.escape(SUMMARY_KEYS[c][1])}</th>" for c in cols)
             + "<th>converged</th><th>trained on</th></tr>")
@@ -416,10 +302,50 @@ def write_comparison(dirs: Iterable[str | Path], out: str | Path, title: str = "
 <style>{STYLE}</style></head><body><h1>semfl {html.escape(title)}</h1>
 <p>{len(runs)} runs in {len(groups)} groups (a group = a run name without its seed; mean ± sample std over seeds)</p>
 <table>{head}{body}</table>{note_html}
+{_markdown_table_html(verdicts_md) if claims else ""}
 <h2>Figures</h2>{''.join(_img(p) for p in made if p)}
 <h2>Runs</h2><ul>{run_list}</ul></body></html>"""
     atomic_text(out / "report.html", page)
     return out / "report.html"
+
+
+def _claims_section(claims: str | Path | None, groups: dict[str, list[RunData]]) -> tuple[str, list[dict]]:
+    """The claims' verdict table (Markdown) and its JSON entries, or ("", []) without a claims file."""
+    if not claims:
+        return "", []
+    from semfl.experiments.claims import load_claims
+    from semfl.experiments.verdicts import evaluate_groups, results_json, verdict_markdown
+
+    claim_file = load_claims(claims)
+    results = evaluate_groups(claim_file, groups)
+    header = [f"Claims: `{claims}`. Each row: A − B per seed (runs paired by seed), its mean and 95 % Student-t "
+              "interval; *holds* / *reversed* when the interval is wholly on the claimed / the other side of 0, "
+              "*undecided* when it contains 0 or fewer than 2 seeds pair. Tuning seeds (defaults chosen on them): "
+              + ", ".join(map(str, claim_file.tuning_seeds)) + "."]
+    return verdict_markdown(results, "claims", header), results_json(results)
+
+
+def _markdown_table_html(markdown: str) -> str:
+    """The verdict table's Markdown as HTML (a heading, paragraphs, one table and a list)."""
+    parts, rows = [], []
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            if not line.startswith("|---"):
+                rows.append([c.strip() for c in line.strip("|").split(" | ")])
+            continue
+        if rows:
+            head, *body = rows
+            parts.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
+                         + "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(c.replace('**', ''))}</td>" for c in r)
+                                   + "</tr>" for r in body) + "</table>")
+            rows = []
+        if line.startswith("### "):
+            parts.append(f"<h2>{html.escape(line[4:])}</h2>")
+        elif line.startswith("- "):
+            parts.append(f"<p>{html.escape(line)}</p>")
+        elif line.strip():
+            parts.append(f"<p>{html.escape(line)}</p>")
+    return "".join(parts)
 
 
 def _rel(path: Path, start: Path) -> str:
@@ -442,7 +368,7 @@ def cmd_compare(args) -> int:
     if not load_runs(dirs):
         print(f"semfl: error: no run directories (with metrics.jsonl) in {', '.join(map(str, dirs))}", file=sys.stderr)
         return 2
-    path = write_comparison(dirs, out, title=args.title or "comparison")
+    path = write_comparison(dirs, out, title=args.title or "comparison", claims=getattr(args, "claims", None))
     print(f"report: {path}")
     return 0
 

@@ -62,6 +62,7 @@ class Point:
     variant: str
     overrides: list[str]  # TOML-literal key=value overrides of this point, in the order applied
     raw: dict[str, Any]  # the point's full raw config (before validation)
+    values: dict[str, Any] = field(default_factory=dict)  # its value on every axis (seed included)
     state: str = "new"  # before running: new | resume | done | invalid
     status: str = "pending"  # after: skipped | finished | failed | pending
     error: str = ""
@@ -195,12 +196,20 @@ def load_sweep(path: str | Path, cli_sets: list[str] | None = None) -> Sweep:
             parts = [_component("", vname) if vname else "x"] + [_component(k, chosen[k]) for k in labelled]
             seed = chosen.get("seed", point_raw.get("seed", 0))
             parts.append(_component("seed", seed))
-            sweep.points.append(Point(label="__".join(parts), variant=vname, overrides=overrides, raw=point_raw))
+            sweep.points.append(Point(label="__".join(parts), variant=vname, overrides=overrides, raw=point_raw,
+                                      values=chosen))
     labels = [p.label for p in sweep.points]
     dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
     if dupes:
         raise ConfigError(f"sweep: points share a label ({', '.join(dupes)}); rename variants or axis values")
     return sweep
+
+
+def point_components(point: Point) -> list[str]:
+    """The point's variant and its value on every axis but the seed, as label parts; unlike the label,
+    single-valued axes are included (so a claim's group ``fedcl__u5`` still names the point when
+    ``--set sweep.users=[5]`` leaves that axis out of the labels)."""
+    return [_component("", point.variant)] + [_component(k, v) for k, v in point.values.items() if k != "seed"]
 
 
 def _flatten(table: dict[str, Any], prefix: str):
@@ -480,4 +489,6 @@ def register_compare(sub) -> None:
     p.add_argument("--out", help="where to write figures/, summary.json/.md and report.html "
                                  "(default: the folder when one folder of runs is given, else runs/compare)")
     p.add_argument("--title", help="report title")
+    p.add_argument("--claims", metavar="FILE", help="a claims file (configs/claims/*.toml): adds each claim's paired "
+                                                    "difference over seeds, 95 %% interval and verdict")
     p.set_defaults(func=_cmd_compare)
