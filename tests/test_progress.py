@@ -67,7 +67,8 @@ def test_a_resumed_count_and_quiet_runs(monkeypatch):
 
 def test_a_run_logged_to_a_file_writes_progress_of_every_long_step(tiny_overrides, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SEMFL_PROGRESS_INTERVAL", "0")  # every step; 30 s in real use
-    cfg = load_config(None, tiny_overrides + ["data.max_per_user=60"])
+    # a cache of its own: the classifier must train here, not come from the session's shared cache
+    cfg = load_config(None, tiny_overrides + ["data.max_per_user=60", f"classifier.cache_dir={tmp_path / 'cache'}"])
     Runner(cfg, tmp_path / "run", show_progress=True).execute()
     err = [line.split("] ", 1)[-1] for line in capsys.readouterr().err.splitlines()]
     text = "\n".join(err)
