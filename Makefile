@@ -1,4 +1,5 @@
-# The two commands a newcomer needs: `make run` and `make test`. Both set up everything.
+# The two commands a newcomer needs: `make run` and `make test`. Both set up everything
+# (`make run TORCH=cuda` for a GPU build of torch; see README).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,11 +11,27 @@ TEST_WORKERS ?= auto --maxprocesses=4
 
 .PHONY: run test test-slow setup setup-test data bench clean
 
+# torch is installed first, so that no dependency pulls another build. TORCH=cpu (the default): the
+# wheel in pip's find-links when there is one (these machines: a CPU wheel in /opt/wheels), else the
+# CPU build from PyTorch's CPU index (PyPI's Linux wheel is the multi-GB CUDA build); its dependencies
+# then come from the package index. TORCH=cuda: PyPI's default (CUDA) build, with the machine's pip
+# configuration (find-links holding a CPU wheel) set aside.
+TORCH ?= cpu
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# the CPU wheel of torch first, so no dependency pulls a CUDA build
-	$(BIN)/pip install --quiet torch==2.13.0
+ifeq ($(TORCH),cpu)
+	$(BIN)/pip install --quiet --no-index --no-deps "torch==$(TORCH_VERSION)" 2>/dev/null || \
+	  $(BIN)/pip install --quiet --no-deps "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX)
+	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"  # its dependencies, from the package index
+else ifeq ($(TORCH),cuda)
+	PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
+else
+	@echo "TORCH must be cpu or cuda, got $(TORCH)"; exit 2
+endif
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e .

@@ -31,8 +31,7 @@ def test_empty_file_gives_defaults(tmp_path):
     assert cfg.link == LinkConfig()
     assert cfg.train == TrainConfig()
     assert cfg.to_dict() == load_config(None).to_dict()
-    from semfl.config import _METHOD_TABLES
-    assert set(cfg.methods) == set(_METHOD_TABLES)  # method tables (e.g. [psfl]) get their defaults
+    assert set(cfg.methods) == {"foundation"}  # the tables FedAvg reads, with their defaults; no [psfl]
 
 
 def test_toml_file_loads_typed_fields(tmp_path):
@@ -182,15 +181,14 @@ def test_method_tables_known_on_first_load_in_a_fresh_process():
     # (before anything imported semfl.methods) must already know them.
     script = (
         "from semfl.config import load_config, _METHOD_TABLES\n"
-        "cfg = load_config(None)\n"
-        "assert _METHOD_TABLES and set(cfg.methods) == set(_METHOD_TABLES), (sorted(cfg.methods), sorted(_METHOD_TABLES))\n"
-        "name = sorted(_METHOD_TABLES)[0]\n"
+        "cfg = load_config(None, ['method=psfl'])\n"
+        "assert set(cfg.methods) == {'psfl', 'foundation'} < set(_METHOD_TABLES), (sorted(cfg.methods), sorted(_METHOD_TABLES))\n"
         "import dataclasses\n"
-        "field = dataclasses.fields(_METHOD_TABLES[name])[0].name\n"
-        "value = getattr(cfg.methods[name], field)\n"
+        "field = dataclasses.fields(_METHOD_TABLES['psfl'])[0].name\n"
+        "value = getattr(cfg.methods['psfl'], field)\n"
         "import tomli_w\n"
         "text = tomli_w.dumps({'v': value})[4:].strip()\n"
-        "assert getattr(load_config(None, [f'{name}.{field}={text}']).table(name), field) == value\n"
+        "assert getattr(load_config(None, ['method=psfl', f'psfl.{field}={text}']).table('psfl'), field) == value\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -327,7 +327,7 @@ def test_option_errors_name_the_field():
              ("topk.fraction=0", "topk.fraction"), ("topk.scope='x'", "topk.scope")]
     for override, field_name in cases:
         with pytest.raises(ConfigError, match=rf"^{field_name.replace('.', '[.]')}:"):
-            load_config(None, [override])
+            load_config(None, [f"method={field_name.split('.')[0]}", override])
 
 
 def test_fttq_server_requantisation_by_hand():

@@ -1,7 +1,10 @@
 """Typed run configuration: TOML files, ``--set a.b=c`` overrides, validation that names the field.
 
-Every field has a default, so an empty file is a valid config. Method-specific tables
-(``[psfl]``, ``[stc]``, ...) are registered by the method modules with :func:`register_table`.
+Every field has a default, so an empty file is a valid config, and a one-line meaning
+(:func:`option`), which ``semfl config show`` prints. Method-specific tables (``[psfl]``,
+``[stc]``, ...) are registered by the method modules with :func:`register_table`; a method
+declares the tables it reads (``Method.tables``), and a config holds only those: setting a field
+of another method's table is an error naming the methods it belongs to.
 """
 from __future__ import annotations
 
@@ -22,131 +25,116 @@ class ConfigError(ValueError):
     """A config field is unknown, mistyped or impossible; the message starts with the field name."""
 
 
+def option(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its default (or default ``factory``) and its one-line meaning ``doc``."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def field_doc(f: dataclasses.Field) -> str:
+    """The meaning of a config field, as given to :func:`option`."""
+    return f.metadata.get("doc", "")
+
+
 SCALES = ("tiny", "cpu", "paper")
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100")
 
 
 @dataclass
 class DataConfig:
-    root: str | None = None  # then $SEMFL_DATA, then the Debian path for Fashion-MNIST
-    download: bool = True  # try the official mirrors when files are missing (needs a network)
-    partition: Literal["iid", "dirichlet", "ways_shots"] = "dirichlet"
-    dirichlet_alpha: float = 0.9
-    ways: int = 3  # m of m-way q-shot
-    shots: int = 100  # q of m-way q-shot
-    ways_shots_sigma: int = 1
-    sizes: list[int] = field(default_factory=list)  # per-user sample counts (PSFL Table I); empty = natural sizes
-    max_per_user: int = 0  # cap on each user's samples (0 = no cap); keeps cpu-scale runs short
-    user_fraction: float = 1.0  # keep this fraction of every user's samples (keeps relative sizes, e.g. Table I)
-    test_samples: int = 2000  # test images used for evaluation (0 = the whole test set)
+    root: str | None = option(None, "data directory; unset = $SEMFL_DATA, then the Debian path for Fashion-MNIST, then ./data")
+    download: bool = option(True, "try the official mirrors when files are missing (needs a network)")
+    partition: Literal["iid", "dirichlet", "ways_shots"] = option("dirichlet", "how the training images are split over users: iid, dirichlet (label skew) or ways_shots (m-way q-shot)")
+    dirichlet_alpha: float = option(0.9, "concentration of the Dirichlet label split (smaller = more skewed users)")
+    ways: int = option(3, "m of m-way q-shot")
+    shots: int = option(100, "q of m-way q-shot")
+    ways_shots_sigma: int = option(1, "spread of ways_shots: each user holds ways +- sigma classes with shots +- sigma samples each")
+    sizes: list[int] = option(factory=list, doc="per-user sample counts (PSFL Table I); empty = natural sizes")
+    max_per_user: int = option(0, "cap on each user's samples (0 = no cap); keeps cpu-scale runs short")
+    user_fraction: float = option(1.0, "keep this fraction of every user's samples (keeps relative sizes, e.g. Table I)")
+    test_samples: int = option(2000, "test images used for evaluation (0 = the whole test set)")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "csc"  # a registered semantic-model family: csc, jscc, gsc-m, gsc-l, gsc-h
-    semantic_dim: int = 0  # 0 = the preset's value
-    symbols_per_token: int = 0  # complex channel uses per token; 0 = the preset's value
+    arch: str = option("csc", "a registered semantic-model family: csc, jscc, gsc-m, gsc-l, gsc-h")
+    semantic_dim: int = option(0, "width of the semantic features; 0 = the preset's value")
+    symbols_per_token: int = option(0, "complex channel uses per token; 0 = the preset's value")
 
 
 @dataclass
 class ChannelConfig:
-    kind: Literal["awgn", "rayleigh"] = "awgn"
-    equalize: bool = True  # Rayleigh only: receiver knows h and equalises
-    train_snr: Literal["link", "fixed"] = "link"  # train at the user's link SNR of the round, or at snr_db
-    snr_db: float = 10.0
+    kind: Literal["awgn", "rayleigh"] = option("awgn", "channel inside the semantic model: awgn or rayleigh (block fading)")
+    equalize: bool = option(True, "Rayleigh only: receiver knows h and equalises")
+    train_snr: Literal["link", "fixed"] = option("link", "train at the user's link SNR of the round, or at snr_db")
+    snr_db: float = option(10.0, "channel SNR in dB of training when channel.train_snr = \"fixed\"")
 
 
 @dataclass
 class LinkConfig:
-    snr_process: Literal["uniform", "fixed"] = "uniform"
-    snr_min_db: float = 0.0
-    snr_max_db: float = 25.0
-    uplink_bandwidth_hz: float = 1e6
-    uplink_power_w: float = 0.1
-    downlink_bandwidth_hz: float = 1e6
-    downlink_power_w: float = 1.0
-    tau_req_s: float = 0.0  # delay constraint (16); 0 = unconstrained
-    energy_budget_j: float = 0.0  # E_rest of (17); 0 = unconstrained
-    p_max_w: float = 0.1  # (18)
-    eta: float = 1.0  # weight of energy in the objective (15)
+    snr_process: Literal["uniform", "fixed"] = option("uniform", "how each user's link SNR is drawn each round: uniform in [snr_min_db, snr_max_db], or fixed at their midpoint")
+    snr_min_db: float = option(0.0, "lowest link SNR in dB (psi_min of PSFL eq 26)")
+    snr_max_db: float = option(25.0, "highest link SNR in dB (psi_max of PSFL eq 26)")
+    uplink_bandwidth_hz: float = option(1e6, "uplink bandwidth per user in Hz (rate of PSFL eq 12)")
+    uplink_power_w: float = option(0.1, "user transmit power in W (energy of PSFL eq 14)")
+    downlink_bandwidth_hz: float = option(1e6, "downlink bandwidth per user in Hz")
+    downlink_power_w: float = option(1.0, "base-station transmit power in W")
+    tau_req_s: float = option(0.0, "delay constraint (16); 0 = unconstrained")
+    energy_budget_j: float = option(0.0, "E_rest of (17); 0 = unconstrained")
+    p_max_w: float = option(0.1, "maximum user transmit power in W (PSFL constraint 18)")
+    eta: float = option(1.0, "weight of energy in the objective (15)")
 
 
 @dataclass
 class TrainConfig:
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.01
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    grad_clip: float = 0.0  # max global gradient norm per step (0 = no clipping)
-    task_weight: float = 0.0  # weight of the frozen classifier's CE in the loss (0 = MSE only)
-    participation: float = 1.0  # fraction of users sampled each round
-    # train users of one architecture together with torch.func.vmap (FedAvg): "on", "off", or
-    # "auto" = on for cuda, off on cpu (measured slower on 2 CPU cores; see BENCHMARKS.md)
-    vmap: Literal["off", "on", "auto"] = "auto"
-    vmap_users: int = 32  # at most this many users per vmapped group (bounds activation memory)
-    # arithmetic of the federated local training: "fp32", or "bf16" = torch.autocast to bfloat16
-    # (weights, optimiser state, channel, aggregation, evaluation stay fp32; so do the classifier,
-    # MAE and foundation pretraining); measured 1.4x on a CPU with AMX (BENCHMARKS.md)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    local_epochs: int = option(1, "local epochs each user trains per round")
+    batch_size: int = option(32, "local mini-batch size")
+    lr: float = option(0.01, "local learning rate")
+    optimizer: Literal["sgd", "adam"] = option("sgd", "local optimiser: sgd or adam")
+    momentum: float = option(0.9, "SGD momentum (0 = plain SGD)")
+    weight_decay: float = option(0.0, "L2 weight decay of the local optimiser")
+    grad_clip: float = option(0.0, "max global gradient norm per step (0 = no clipping)")
+    task_weight: float = option(0.0, "weight of the frozen classifier's CE in the loss (0 = MSE only)")
+    participation: float = option(1.0, "fraction of users sampled each round")
+    vmap: Literal["off", "on", "auto"] = option("auto", "train users of one architecture together with torch.func.vmap (FedAvg): \"on\", \"off\", or \"auto\" = on for cuda, off on cpu (measured slower on 2 CPU cores; see BENCHMARKS.md)")
+    vmap_users: int = option(32, "at most this many users per vmapped group (bounds activation memory)")
+    precision: Literal["fp32", "bf16"] = option("fp32", "arithmetic of the federated local training: \"fp32\", or \"bf16\" = torch.autocast to bfloat16 (weights, optimiser state, channel, aggregation, evaluation stay fp32; so do the classifier, MAE and foundation pretraining); measured 1.4x on a CPU with AMX (BENCHMARKS.md)")
 
 
 @dataclass
 class EvalConfig:
-    every: int = 1  # evaluate every N rounds (and always after the last)
-    batch_size: int = 500
-    snr_db: float = 10.0  # channel SNR of the global evaluation
-    grid_images: int = 8
-    snr_sweep: list[float] = field(default_factory=lambda: [0.0, 5.0, 10.0, 15.0, 20.0, 25.0])
-    # the final SNR sweep again on these channel kinds (a model trained on channel.kind tested on
-    # others, e.g. AWGN-trained models under Rayleigh fading: FedSFR Fig 4); channel.equalize applies
-    sweep_channels: list[str] = field(default_factory=list)
-    # FedAvg family: each user's locally trained model on this many test images in the evaluated
-    # rounds (per-client local accuracy, PSFL Figs 15-16; PSFL's own: psfl.user_eval_samples); 0 = off
-    user_samples: int = 0
-    # the separation baseline in the final SNR sweep, at each model's own k/n: "JPEG + LDPC + QAM,
-    # adapted", "... designed for digital_design_snr dB", "JPEG at capacity" (docs/digital-baseline.md).
-    # Off by default: its 5G LDPC decoding costs minutes on 2 CPU cores for 1000 test images
-    # (docs/digital-baseline.md); the quickstart configs switch it on
-    digital_baseline: bool = False
-    digital_codec: Literal["jpeg", "webp"] = "jpeg"
-    digital_design_snr: float | None = None  # None: the middle of link.snr_min_db..link.snr_max_db
-    # convergence (semfl.convergence): the run has converged when the least-squares slope of the last
-    # converge_window evaluated values of the global converge_metric, relative to their mean, is at
-    # most converge_tolerance per round; the final metrics row and summary.json record the verdict
-    converge_metric: str = "loss"
-    converge_window: int = 5
-    converge_tolerance: float = 0.01
-    # stop after the first evaluated round whose convergence test passes; `rounds` is then the most
-    # the run may take (a sweep counts such a run as done)
-    stop_when_converged: bool = False
+    every: int = option(1, "evaluate every N rounds (and always after the last)")
+    batch_size: int = option(500, "evaluation batch size")
+    snr_db: float = option(10.0, "channel SNR of the global evaluation")
+    grid_images: int = option(8, "test images in the reconstruction grid of the report")
+    snr_sweep: list[float] = option(factory=lambda: [0.0, 5.0, 10.0, 15.0, 20.0, 25.0], doc="channel SNRs (dB) at which the final models are tested (snr_sweep.json)")
+    sweep_channels: list[str] = option(factory=list, doc="the final SNR sweep again on these channel kinds (a model trained on channel.kind tested on others, e.g. AWGN-trained models under Rayleigh fading: FedSFR Fig 4); channel.equalize applies")
+    user_samples: int = option(0, "FedAvg family: each user's locally trained model on this many test images in the evaluated rounds (per-client local accuracy, PSFL Figs 15-16; PSFL's own: psfl.user_eval_samples); 0 = off")
+    digital_baseline: bool = option(False, "the separation baseline in the final SNR sweep at each model's own k/n: \"JPEG + LDPC + QAM, adapted\", \"... designed for digital_design_snr dB\", \"JPEG at capacity\" (docs/digital-baseline.md); off by default: its LDPC decoding costs minutes on 2 CPU cores for 1000 test images")
+    digital_codec: Literal["jpeg", "webp"] = option("jpeg", "source codec of the digital baseline")
+    digital_design_snr: float | None = option(None, "design SNR (dB) of the baseline's fixed modulation and code rate; none = the middle of link.snr_min_db..link.snr_max_db")
+    converge_metric: str = option("loss", "global metric of the convergence test (semfl.convergence)")
+    converge_window: int = option(5, "the convergence test fits a line to this many last evaluated values")
+    converge_tolerance: float = option(0.01, "converged when |slope| / mean |value| is at most this per round; the final metrics row and summary.json record the verdict")
+    stop_when_converged: bool = option(False, "stop after the first evaluated round whose convergence test passes (rounds is then the most a run may take)")
 
 
 @dataclass
 class ClassifierConfig:
-    depth: int = 0  # ResNet depth (8, 18, 34, 50, 101); 0 = the scale's default
-    epochs: int = 0  # 0 = the scale's default
-    lr: float = 1e-3
-    batch_size: int = 128
-    cache_dir: str | None = None  # default: <data root>/semfl-cache, else ~/.cache/semfl
+    depth: int = option(0, "ResNet depth (8, 18, 34, 50, 101); 0 = the scale's default")
+    epochs: int = option(0, "training epochs of the classifier; 0 = the scale's default")
+    lr: float = option(1e-3, "learning rate of the frozen ResNet classifier (trained once per dataset, cached)")
+    batch_size: int = option(128, "batch size of the classifier's training")
+    cache_dir: str | None = option(None, "where the classifier and foundation mentors are cached; default: <data root>/semfl-cache, else ~/.cache/semfl")
 
 
 @dataclass
 class EngineConfig:
-    # cap on per-user persistent state (mentors, residuals, optimiser state) held in memory by the
-    # local transport; idle users' state beyond it is saved to a temporary folder in the run
-    # directory and read back when the user is next active. 0 = no cap
-    state_memory_mb: float = 0.0
-    # Flower transport: how long the base station waits for the users' replies to one request
-    # before it goes on with those that answered (the others are logged as missing); 0 = no limit
-    reply_timeout_s: float = 0.0
-    # how long it waits at the start of a run for every user's node to connect
-    connect_timeout_s: float = 120.0
-    # local transport: serve a request's users in this many forked worker processes, one torch
-    # thread each (1 = sequential in this process, 0 = one per CPU). CPU-only machines. Same
-    # metrics as 1 run with one torch thread (see BENCHMARKS.md)
-    workers: int = 1
+    state_memory_mb: float = option(0.0, "cap on per-user persistent state (mentors, residuals, optimiser state) held in memory by the local transport; idle users' state beyond it is saved to a temporary folder in the run directory and read back when the user is next active. 0 = no cap")
+    reply_timeout_s: float = option(0.0, "Flower transport: how long the base station waits for the users' replies to one request before it goes on with those that answered (the others are logged as missing); 0 = no limit")
+    connect_timeout_s: float = option(120.0, "Flower transport: how long the base station waits at the start of a run for every user's node to connect")
+    workers: int = option(1, "local transport: serve a request's users in this many forked worker processes, one torch thread each (1 = sequential in this process, 0 = one per CPU). CPU-only machines. Same metrics as 1 run with one torch thread (see BENCHMARKS.md)")
 
 
 @dataclass
@@ -163,13 +151,13 @@ class LogConfig:
 
 @dataclass
 class Config:
-    method: str = "fedavg"
-    dataset: str = "fashion-mnist"
-    users: int = 5
-    rounds: int = 10
-    seed: int = 0
-    scale: Literal["tiny", "cpu", "paper"] = "cpu"
-    device: str = "cpu"
+    method: str = option("fedavg", "the federated method to run (see `semfl config show --method M` for its table)")
+    dataset: str = option("fashion-mnist", "fashion-mnist, mnist, cifar10 or cifar100")
+    users: int = option(5, "number of users")
+    rounds: int = option(10, "communication rounds")
+    seed: int = option(0, "seed of every random stream (same config + seed = same metrics)")
+    scale: Literal["tiny", "cpu", "paper"] = option("cpu", "model sizes: tiny (seconds, tests), cpu (minutes on 2 cores), paper (the papers' sizes, for a GPU)")
+    device: str = option("cpu", "cpu, cuda or cuda:N")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)
@@ -179,11 +167,14 @@ class Config:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    # method tables, filled from register_table(): name -> dataclass instance
+    # the tables of the method being run (Method.tables), filled by from_dict: name -> dataclass instance
     methods: dict[str, Any] = field(default_factory=dict)
 
     def table(self, name: str) -> Any:
-        """The options dataclass of a method table such as ``psfl``."""
+        """The options dataclass of a method table such as ``psfl`` (one the method declares it reads)."""
+        if name not in self.methods:
+            raise KeyError(f"[{name}] is not a table of method {self.method!r} (its tables: "
+                           f"{', '.join(self.methods) or 'none'}); add it to the method's `tables`")
         return self.methods[name]
 
     def evaluates(self, round_: int) -> bool:
@@ -204,6 +195,49 @@ def register_table(name: str, options_cls: type) -> type:
     """Make ``[name]`` a valid config table backed by the dataclass ``options_cls``."""
     _METHOD_TABLES[name] = options_cls
     return options_cls
+
+
+CORE_TABLES = ("data", "model", "channel", "link", "train", "eval", "classifier", "engine")
+
+
+# method name -> the method tables it reads (Method.tables), filled by the method registry
+_METHOD_READS: dict[str, tuple[str, ...]] = {}
+
+
+def register_method_tables(method: str, tables: tuple[str, ...]) -> None:
+    """Declare which method tables ``method`` reads (the registry calls this for every method)."""
+    _METHOD_READS[method] = tuple(tables)
+
+
+def method_tables() -> dict[str, type]:
+    """Every registered method table: name -> options dataclass."""
+    discover()
+    return dict(_METHOD_TABLES)
+
+
+def tables_of(method: str) -> tuple[str, ...]:
+    """The method tables that ``method`` reads (its ``Method.tables``)."""
+    discover()
+    if method not in _METHOD_READS:
+        raise ConfigError(f"method: unknown method {method!r} (allowed: {', '.join(sorted(_METHOD_READS))})")
+    return _METHOD_READS[method]
+
+
+def table_readers(table: str) -> list[str]:
+    """The methods that read the method table ``table``."""
+    discover()
+    readers = [m for m in sorted(_METHOD_READS) if table in _METHOD_READS[m]]
+    return sorted(readers, key=lambda m: m != table)  # the method named after the table first
+
+
+def drop_foreign_tables(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` without the method tables its method does not read (an old run's config.toml, or a
+    sweep whose shared tables serve several methods)."""
+    method = raw.get("method", Config.method)
+    if not isinstance(method, str):
+        return raw  # from_dict names the type error
+    keep = tables_of(method)
+    return {k: v for k, v in raw.items() if k not in method_tables() or k in keep}
 
 
 def _drop_none(value: Any) -> Any:
@@ -297,16 +331,27 @@ def discover() -> None:
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
-    """Build and validate a Config from a nested dict (a parsed TOML file)."""
-    discover()
+    """Build and validate a Config from a nested dict (a parsed TOML file).
+
+    The config gets the core tables and the tables its method reads; a method table that the
+    method does not read is an error naming the field and the methods that read it."""
+    registered = method_tables()
     raw = dict(raw)
-    method_raw = {name: raw.pop(name) for name in list(raw) if name in _METHOD_TABLES}
+    method_raw = {name: raw.pop(name) for name in list(raw) if name in registered}
     for name, value in method_raw.items():
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a table, got {value!r}")
     cfg = _build(Config, raw, "")
-    for name, options_cls in _METHOD_TABLES.items():
-        cfg.methods[name] = _build(options_cls, method_raw.get(name, {}), name + ".")
+    own = tables_of(cfg.method)
+    for name, value in method_raw.items():
+        if name not in own and value:
+            key = next(iter(value))
+            readers = table_readers(name)
+            raise ConfigError(f"{name}.{key}: belongs to method{'s' if len(readers) > 1 else ''} "
+                              f"{', '.join(readers)}, not to {cfg.method!r} (the method being run); "
+                              f"remove it or set method = {readers[0]!r}")
+    for name in own:
+        cfg.methods[name] = _build(registered[name], method_raw.get(name, {}), name + ".")
     validate(cfg)
     return cfg
 
@@ -334,7 +379,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *, foreign: str = "error") -> Config:
+    """The config of a TOML file (None = all defaults) with ``--set`` overrides. ``foreign = "drop"``
+    ignores method tables the method does not read (an old run directory's config.toml)."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -344,7 +391,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config: {path} is not valid TOML ({exc})") from None
-    return from_dict(apply_overrides(raw, list(overrides or [])))
+    raw = apply_overrides(raw, list(overrides or []))
+    return from_dict(drop_foreign_tables(raw) if foreign == "drop" else raw)
 
 
 def loads_config(text: str, overrides: list[str] | None = None) -> Config:
@@ -354,6 +402,39 @@ def loads_config(text: str, overrides: list[str] | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: not valid TOML ({exc})") from None
     return from_dict(apply_overrides(raw, list(overrides or [])))
+
+
+def _short_type(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_short_type(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_short_type(typing.get_args(tp)[0])}]"
+    return "none" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _literal(value: Any) -> str:
+    return "(unset)" if value is None else tomli_w.dumps({"v": value})[4:].strip()
+
+
+def field_rows(cfg: Config) -> list[dict[str, str]]:
+    """One row per field of the core tables and of the method's tables: table, field, type, default,
+    value (TOML literals) and its meaning (``semfl config show``)."""
+    rows = []
+    sections = [("", Config, cfg)] + [(name, type(getattr(cfg, name)), getattr(cfg, name)) for name in CORE_TABLES] \
+        + [(name, type(options), options) for name, options in cfg.methods.items()]
+    for table, cls, instance in sections:
+        hints = typing.get_type_hints(cls)
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            if f.name == "methods" or dataclasses.is_dataclass(hints[f.name]):
+                continue
+            rows.append({"table": table, "field": f"{table}.{f.name}" if table else f.name,
+                         "type": _short_type(hints[f.name]), "default": _literal(getattr(defaults, f.name)),
+                         "value": _literal(getattr(instance, f.name)), "doc": field_doc(f)})
+    return rows
 
 
 def dump_config(cfg: Config) -> str:

@@ -12,11 +12,20 @@ from typing import Any, Callable
 
 
 
+def _file_mode() -> int:
+    """The permissions open() gives a new file: 0o666 less the process's umask (read, then restored)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates 0600 files; the renamed file gets what a plain open() would have given
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, mode) as handle:
             write(handle)
             handle.flush()

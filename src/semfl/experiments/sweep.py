@@ -19,7 +19,8 @@ ONE dimension, the *variant*: every method ``m`` on the axis is a variant named 
 override ``method=m``; a variant named after an axis method extends it (its overrides apply after
 ``method=m``, so ``fedavg = ["model.arch=gsc-m"]`` gives FedAvg a GSC-M model); any other variant
 stands alone (give it ``method=...`` unless the base's method is meant). So the example above has
-three variants: psfl, fedavg (on GSC-M) and psfl-no-pld.
+three variants: psfl, fedavg (on GSC-M) and psfl-no-pld. Method tables of the base and sweep file
+(``[psfl]``, ...) apply to the points whose method reads them; the others leave them out.
 
 Each config is: base file ← sweep file keys ← the point's axis values ← its variant's overrides ←
 the command line's ``--set``. A ``--set sweep.KEY=VALUE`` changes the ``[sweep]`` table instead
@@ -47,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from semfl.config import Config, ConfigError, apply_overrides, dump_config, from_dict, load_config
+from semfl.config import Config, ConfigError, apply_overrides, drop_foreign_tables, dump_config, from_dict, load_config
 
 SWEEP_OPTIONS = ("name", "variants")  # keys of [sweep] that are not axes
 # short names of axes in labels; any other axis uses the last part of its dotted key
@@ -69,7 +70,8 @@ class Point:
     wall_s: float = 0.0
 
     def config(self) -> Config:
-        return from_dict(copy.deepcopy(self.raw))
+        # the shared tables of a sweep serve several methods: each point keeps its method's
+        return from_dict(drop_foreign_tables(copy.deepcopy(self.raw)))
 
 
 @dataclass
@@ -248,7 +250,7 @@ def run_state(run_dir: Path, cfg: Config) -> str:
     config_path = run_dir / "config.toml"
     if not config_path.is_file():
         return "new"
-    if dump_config(load_config(config_path)) != dump_config(cfg):
+    if dump_config(load_config(config_path, foreign="drop")) != dump_config(cfg):
         raise ConfigError(f"{run_dir}: holds a run with a different config; delete it or sweep into another --out")
     round_ = checkpoint_round(run_dir, cfg)
     if round_ is not None and round_ >= cfg.rounds and (run_dir / "report.html").is_file():
@@ -462,33 +464,3 @@ def cmd_sweep(args) -> int:
         print(f"semfl: sweep interrupted; run the same command again to resume ({out / 'sweep.json'})", file=sys.stderr)
         return 130
 
-
-def register(sub) -> None:
-    p = sub.add_parser("sweep", help="run a grid of configs (methods x variants x axes x seeds) and compare them")
-    p.add_argument("config", help="sweep TOML: a config (or base = \"file.toml\") plus a [sweep] table of axes")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of every point (sweep.KEY=VALUE changes the [sweep] table)")
-    p.add_argument("--out", help="sweep folder (default runs/sweeps/<sweep name>)")
-    p.add_argument("--dry-run", action="store_true", help="list the points and their state; run nothing")
-    p.add_argument("--quiet", action="store_true", help="no per-run progress bars")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="run N points at once, each in its own process with cores/N threads (default 1)")
-    p.add_argument("--no-compare", action="store_true", help="skip the comparison report at the end")
-    p.set_defaults(func=cmd_sweep)
-
-
-def _cmd_compare(args) -> int:
-    from semfl.experiments.compare import cmd_compare
-
-    return cmd_compare(args)
-
-
-def register_compare(sub) -> None:
-    p = sub.add_parser("compare", help="compare run directories (or folders of runs): figures, summary, report.html")
-    p.add_argument("dirs", nargs="+", help="run directories, or folders holding run directories (a sweep folder)")
-    p.add_argument("--out", help="where to write figures/, summary.json/.md and report.html "
-                                 "(default: the folder when one folder of runs is given, else runs/compare)")
-    p.add_argument("--title", help="report title")
-    p.add_argument("--claims", metavar="FILE", help="a claims file (configs/claims/*.toml): adds each claim's paired "
-                                                    "difference over seeds, 95 %% interval and verdict")
-    p.set_defaults(func=_cmd_compare)

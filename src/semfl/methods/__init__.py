@@ -52,9 +52,11 @@ def _check_method(cfg) -> None:
 
     if cfg.method not in methods_registered():
         raise ConfigError(f"method: unknown method {cfg.method!r} (allowed: {', '.join(available_methods())})")
-    allowed = get_method(cfg.method).precisions
-    if cfg.train.precision not in allowed:
-        raise ConfigError(f"train.precision: {cfg.method} trains in {' or '.join(allowed)}, got {cfg.train.precision!r}")
+    method = get_method(cfg.method)
+    if cfg.train.precision not in method.precisions:
+        raise ConfigError(f"train.precision: {cfg.method} trains in {' or '.join(method.precisions)}, "
+                          f"got {cfg.train.precision!r}")
+    method.check_config(cfg)
 
 
 _load_all()

@@ -50,7 +50,6 @@ class Centralised(FedAvg):
     """All users' data pooled at the base station; one model trained there (the ceiling)."""
 
     name = "centralised"
-    user_kinds = ("upload",)
 
     def __init__(self, run, transport):
         super().__init__(run, transport)

@@ -40,14 +40,14 @@ user answers, the global row holds the federated model's metrics only, with ``pa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 
 from semfl.wireless.codecs import Payload
-from semfl.config import ConfigError, register_table
+from semfl.config import ConfigError, option, register_table
 from semfl.protocol.method import register_method
 from semfl.methods.common import build_semantic_model, finish_semantic, train_snr
 from semfl.methods.fedavg import FedAvg
@@ -58,20 +58,20 @@ from semfl.training import batches, evaluate_semantic, load_weights, snr_tensor,
 
 @dataclass
 class FineFedOptions:
-    fedavg_rounds: int = 0  # stage 1 length F; 0 = half of the rounds (at least 1)
-    receivers: int = 2  # |R(i)|, 1..users - 1
-    lr: float = 1e-4  # Adam, both phases (the authors' code)
-    batches_per_message: int = 8  # encoder phase: mini-batches of every pair per message (1 = exact)
-    train_snrs: list[float] = field(default_factory=list)  # per-sample training SNRs drawn from these; empty = channel.train_snr
+    fedavg_rounds: int = option(0, "stage 1 length F; 0 = half of the rounds (at least 1)")
+    receivers: int = option(2, "|R(i)|, 1..users - 1")
+    lr: float = option(1e-4, "Adam, both phases (the authors' code)")
+    batches_per_message: int = option(8, "encoder phase: mini-batches of every pair per message (1 = exact)")
+    train_snrs: list[float] = option(factory=list, doc="per-sample training SNRs drawn from these; empty = channel.train_snr")
 
     def validate(self, cfg) -> None:
         if self.fedavg_rounds < 0 or self.fedavg_rounds > cfg.rounds:
             raise ConfigError(f"finefed.fedavg_rounds: must be in 0..rounds ({cfg.rounds}), got {self.fedavg_rounds}")
-        if cfg.method == "finefed" and cfg.users < 2:
+        if cfg.users < 2:
             raise ConfigError(f"users: finefed needs at least 2 users (senders and receivers), got {cfg.users}")
         if self.receivers < 1:
             raise ConfigError(f"finefed.receivers: must be >= 1, got {self.receivers}")
-        if cfg.method == "finefed" and self.receivers > cfg.users - 1:
+        if self.receivers > cfg.users - 1:
             raise ConfigError(f"finefed.receivers: must be at most users - 1 ({cfg.users - 1}: a user never "
                               f"sends to itself), got {self.receivers}")
         if self.lr <= 0:
@@ -121,6 +121,7 @@ def whole_set_psnr_db(mse: float) -> float:
 @register_method
 class FineFed(FedAvg):
     name = "finefed"
+    tables = FedAvg.tables + ("finefed",)
     precisions = ("fp32",)  # symbols and their gradients cross the relay in fp32
 
     def __init__(self, run, transport):

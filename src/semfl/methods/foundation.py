@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from semfl.wireless.channel import preserved_rng
-from semfl.config import ConfigError, register_table
+from semfl.config import ConfigError, option, register_table
 from semfl.protocol import seeding
 from semfl.files import atomic_write, cache_lock
 from semfl.training import batches, clip_gradients, reconstruction_loss
@@ -48,11 +48,11 @@ def _classifier_digest(classifier: torch.nn.Module) -> bytes:
 
 @dataclass
 class FoundationOptions:
-    samples: int = 0  # public images (training images no user holds); 0 = no foundation models
-    epochs: int = 5
-    lr: float = 2e-3  # Adam
-    ce_weight: float = 0.01  # weight of the frozen classifier's CE in the loss (eq 19's task loss)
-    global_model: bool = False  # the federated model starts from the foundation too (FedAvg family)
+    samples: int = option(0, "public images (training images no user holds); 0 = no foundation models")
+    epochs: int = option(5, "epochs of the foundation pretraining on the public images")
+    lr: float = option(2e-3, "Adam")
+    ce_weight: float = option(0.01, "weight of the frozen classifier's CE in the loss (eq 19's task loss)")
+    global_model: bool = option(False, "the federated model starts from the foundation too (FedAvg family)")
 
     def validate(self, cfg) -> None:
         if self.samples < 0 or self.epochs < 0 or self.lr <= 0 or self.ce_weight < 0:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from semfl.config import Config
+from semfl.config import Config, register_method_tables
 from semfl.data import ImageDataset
 from semfl.wireless.link import Link
 from semfl.models import ImageSpec
@@ -22,6 +22,7 @@ _METHODS: dict[str, type["Method"]] = {}
 
 def register_method(cls: type["Method"]) -> type["Method"]:
     _METHODS[cls.name] = cls
+    register_method_tables(cls.name, cls.tables)  # what its runs' config.toml may hold
     return cls
 
 
@@ -57,6 +58,13 @@ class Method:
     name = "method"
     # train.precision values its training honours (split methods send features/gradients: fp32)
     precisions: tuple[str, ...] = ("fp32", "bf16")
+    # the method config tables its code reads ([psfl], [foundation], ...): a run's config holds
+    # these and the core tables only, and setting a field of any other method table is an error
+    tables: tuple[str, ...] = ()
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Checks of the config that only this method needs (raise ConfigError naming the field)."""
 
     def __init__(self, run: RunContext, transport: Transport):
         self.run = run

@@ -146,7 +146,7 @@ class Runner:
         if self.resume:
             if not config_path.is_file():
                 raise RunError(f"--resume: {self.out} has no config.toml to resume")
-            previous = load_config(config_path)
+            previous = load_config(config_path, foreign="drop")  # old runs held every method's table
             # [log] says what is recorded, not what is computed: a resume may turn trackers on or off
             if dump_config(dataclasses.replace(previous, log=self.cfg.log)) != dump_config(self.cfg):
                 raise RunError(f"--resume: the config differs from the one in {config_path}; resume with the same config")

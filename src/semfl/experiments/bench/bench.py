@@ -20,6 +20,8 @@ Measures (each result records the machine: CPU model, cores, torch version, thre
   each in a fresh subprocess.
 * **vmap**: FedAvg rounds with ``train.vmap`` off and on.
 * **precision**: FedAvg and PSFL rounds with ``train.precision`` fp32 and bf16 (autocast).
+* **smoke**: ``semfl run configs/smoke.toml`` end to end, cold and warm classifier cache, 1 and 2
+  threads (``semfl.experiments.bench_smoke``).
 * **compute**: one local step on its own: FLOPs, time, convolution share, against a GEMM on the same
   device (``semfl.experiments.bench.compute``).
 
@@ -39,11 +41,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from semfl.experiments.bench.report import markdown
-from semfl.experiments.bench.timing import sync  # the result file's Markdown (also `semfl.bench.markdown`)
+from semfl.experiments.bench.report import markdown  # the result file's Markdown (also `semfl.bench.markdown`)
+from semfl.experiments.bench.timing import sync
+from semfl.experiments.bench_smoke import smoke_runs
 
 REPO = Path(__file__).resolve().parents[2]
-PARTS = ("overhead", "flower", "scaling", "scaling-psfl", "vmap", "precision", "workers", "psfl", "compute")
+PARTS = ("smoke", "overhead", "flower", "scaling", "scaling-psfl", "vmap", "precision", "workers", "psfl", "compute")
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -423,6 +426,7 @@ def bench(device: str = "cpu", quick: bool = False, out: Path = Path("benchmarks
                 method = "fedavg" if name == "overhead" else "psfl"
                 result["overhead"] = [o for o in result.get("overhead", []) if o["method"] != method]
     steps = {
+        "smoke": lambda: result.__setitem__("smoke", smoke_runs(REPO)),
         "overhead": lambda: result["overhead"].append(overhead(quick, device, "fedavg", repeats)),
         "psfl": lambda: result["overhead"].append(overhead(quick, device, "psfl", max(1, repeats - 1))),
         "vmap": lambda: result.__setitem__("vmap", vmap_compare(quick, device, max(1, repeats - 1))),
@@ -472,19 +476,6 @@ def cmd_bench(args) -> int:
     result = bench(args.device, args.quick, Path(args.out), parts, args.repeats, sets=args.set, merge=bool(args.only))
     print(markdown(result))
     return 0 if not result["errors"] else 1
-
-
-def register(sub) -> None:
-    p = sub.add_parser("bench", help="engine overhead, Flower comparison, scaling; JSON + Markdown results")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--quick", action="store_true", help="tiny models and few users: a smoke run in seconds")
-    p.add_argument("--out", default="benchmarks/results", help="folder for bench-<device>.json/.md")
-    p.add_argument("--only", default="", help=f"comma-separated parts: {','.join(PARTS)} "
-                                              "(merged into an existing result file of the same device)")
-    p.add_argument("--repeats", type=int, default=3, help="repeats of each timed loop (median reported)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override applied to every benchmark workload (e.g. data.root=DIR)")
-    p.set_defaults(func=cmd_bench)
 
 
 if __name__ == "__main__":  # subprocess entry points used by bench()

@@ -14,6 +14,10 @@ def markdown(result: dict) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
              f"device {m['device']}; load average at start {m['load_avg'][0]:.2f}, at end "
              f"{result.get('load_avg_end', [0])[0]:.2f}; {m['time_utc']}.", ""]
+    if result.get("smoke"):
+        from semfl.experiments.bench_smoke import markdown_lines as smoke_lines
+
+        lines += smoke_lines(result["smoke"])
     if result.get("overhead"):
         nan = float("nan")
         lines += table("Overhead ratio (engine ÷ plain loop, same forward/backward work)",

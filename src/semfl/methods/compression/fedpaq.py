@@ -15,7 +15,7 @@ from typing import Any
 from semfl.wireless.codecs import Payload
 from semfl.wireless.codecs.qsgd import QSGD_LEVELS, qsgd_codec_name
 from semfl.wireless.compress import qsgd
-from semfl.config import ConfigError, register_table
+from semfl.config import ConfigError, option, register_table
 from semfl.protocol.method import register_method
 from semfl.methods.common import loss_rows, reply_meta, send_and_average, train_delta
 from semfl.methods.fedavg import FedAvg
@@ -24,9 +24,9 @@ from semfl.protocol.context import UserContext
 
 @dataclass
 class FedPAQOptions:
-    levels: int = 16  # s of QSGD
-    local_steps: int = 0  # tau; 0 = train.local_epochs epochs
-    weighting: str = "uniform"  # uniform: the paper's mean; samples: eq 10's weights
+    levels: int = option(16, "s of QSGD")
+    local_steps: int = option(0, "tau; 0 = train.local_epochs epochs")
+    weighting: str = option("uniform", "uniform: the paper's mean; samples: eq 10's weights")
 
     def validate(self, cfg) -> None:
         if self.levels not in QSGD_LEVELS:
@@ -45,6 +45,7 @@ class FedPAQ(FedAvg):
     """FedAvg's model, evaluation, checkpoint and finish; tau local steps and a QSGD uplink."""
 
     name = "fedpaq"
+    tables = FedAvg.tables + ("fedpaq",)
 
     def __init__(self, run, transport):
         super().__init__(run, transport)

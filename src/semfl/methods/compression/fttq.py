@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 from semfl.wireless.codecs import Payload
 from semfl.wireless.codecs.ternary import ternary_scale
 from semfl.wireless.compress import TernaryQuant, ternary_layers, ternary_threshold
-from semfl.config import ConfigError, register_table
+from semfl.config import ConfigError, option, register_table
 from semfl.protocol.method import register_method
 from semfl.methods.common import loss_rows, reply_meta, send_and_average, train_snr
 from semfl.methods.fedavg import FedAvg
@@ -38,7 +38,7 @@ from semfl.training import load_weights, local_train
 
 @dataclass
 class FTTQOptions:
-    threshold: str = "adaptive"  # adaptive: 0.07 sum|theta| / (d0 d1) (authors' default); fixed: 0.05 max|theta|
+    threshold: str = option("adaptive", "adaptive: 0.07 sum|theta| / (d0 d1) (authors' default); fixed: 0.05 max|theta|")
 
     def validate(self, cfg) -> None:
         if self.threshold not in ("adaptive", "fixed"):
@@ -110,6 +110,7 @@ class FTTQ(FedAvg):
     """FedAvg's evaluation, checkpoint and finish on the ternary global model."""
 
     name = "fttq"
+    tables = FedAvg.tables + ("fttq",)
 
     def __init__(self, run, transport):
         super().__init__(run, transport)

@@ -22,7 +22,7 @@ import torch
 
 from semfl.wireless.codecs import Payload
 from semfl.wireless.compress import stc_error_accumulation
-from semfl.config import ConfigError, register_table
+from semfl.config import ConfigError, option, register_table
 from semfl.protocol.method import register_method
 from semfl.methods.common import loss_rows, reply_meta, send_and_average, to_cpu, to_device, train_delta
 from semfl.methods.fedavg import FedAvg
@@ -31,9 +31,9 @@ from semfl.protocol.context import UserContext
 
 @dataclass
 class STCOptions:
-    sparsity: float = 1 / 400  # p of the paper's experiments (0.001 in the authors' code)
-    downlink_sparsity: float = 0.0  # 0 = the uplink p
-    weighting: str = "samples"  # samples: eq 10's weights; uniform: the plain mean of the paper
+    sparsity: float = option(1 / 400, "p of the paper's experiments (0.001 in the authors' code)")
+    downlink_sparsity: float = option(0.0, "0 = the uplink p")
+    weighting: str = option("samples", "samples: eq 10's weights; uniform: the plain mean of the paper")
 
     def validate(self, cfg) -> None:
         if not 0 < self.sparsity <= 1:
@@ -52,6 +52,7 @@ class STC(FedAvg):
     """FedAvg's model, evaluation and finish; STC both ways with residuals on users and server."""
 
     name = "stc"
+    tables = FedAvg.tables + ("stc",)
 
     def __init__(self, run, transport):
         super().__init__(run, transport)

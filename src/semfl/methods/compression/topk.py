@@ -12,7 +12,7 @@ from typing import Any
 
 from semfl.wireless.codecs import Payload
 from semfl.wireless.compress import topk_error_feedback
-from semfl.config import ConfigError, register_table
+from semfl.config import ConfigError, option, register_table
 from semfl.protocol.method import register_method
 from semfl.methods.common import loss_rows, reply_meta, send_and_average, to_cpu, to_device, train_delta
 from semfl.methods.fedavg import FedAvg
@@ -21,8 +21,8 @@ from semfl.protocol.context import UserContext
 
 @dataclass
 class TopKOptions:
-    fraction: float = 0.01  # k / N
-    scope: str = "layer"  # layer: k per tensor; global: k over all tensors together
+    fraction: float = option(0.01, "k / N")
+    scope: str = option("layer", "layer: k per tensor; global: k over all tensors together")
 
     def validate(self, cfg) -> None:
         if not 0 < self.fraction <= 1:
@@ -39,6 +39,7 @@ class TopK(FedAvg):
     """FedAvg's global model, evaluation and checkpoint; a compressed uplink."""
 
     name = "topk"
+    tables = FedAvg.tables + ("topk",)
 
     def __init__(self, run, transport):
         super().__init__(run, transport)

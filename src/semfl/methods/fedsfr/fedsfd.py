@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from semfl.wireless.codecs import Payload
-from semfl.config import ConfigError, register_table
+from semfl.config import ConfigError, option, register_table
 from semfl.protocol.method import Method, register_method
 from semfl.methods.common import build_semantic_model, finish_semantic, loss_rows, to_cpu, train_snr
 from semfl.methods.fedsfr.fedsfr import fit_pairs, lr_factor, scheduled_train
@@ -45,13 +45,13 @@ MIDDLE_PREFIXES = ("from_symbols.", "decoder.0.", "decoder.1.")  # codewords -> 
 
 @dataclass
 class FedSFDOptions:
-    pairs: int = 50  # feature pairs each user uploads per round (the paper: 50)
-    server_width: float = 2.0  # the base station's middle: channels x this, and one more layer
-    server_epochs: int = 3  # >= 1
-    server_lr: float = 0.0  # 0 = train.lr
-    distill_epochs: int = 1  # each user's epochs over the broadcast pairs
-    distill_lr: float = 0.0  # 0 = train.lr
-    user_eval_samples: int = 0  # test images for each user's evaluation (0 = the whole test subset)
+    pairs: int = option(50, "feature pairs each user uploads per round (the paper: 50)")
+    server_width: float = option(2.0, "the base station's middle: channels x this, and one more layer")
+    server_epochs: int = option(3, ">= 1")
+    server_lr: float = option(0.0, "0 = train.lr")
+    distill_epochs: int = option(1, "each user's epochs over the broadcast pairs")
+    distill_lr: float = option(0.0, "0 = train.lr")
+    user_eval_samples: int = option(0, "test images for each user's evaluation (0 = the whole test subset)")
 
     def validate(self, cfg) -> None:
         if self.pairs < 1:
@@ -99,6 +99,7 @@ class ServerMiddle(nn.Module):
 @register_method
 class FedSFD(Method):
     name = "fedsfd"
+    tables = ("fedsfr", "fedsfd")  # the codebook, usage loss and schedule of [fedsfr]
     precisions = ("fp32",)
 
     def __init__(self, run, transport):

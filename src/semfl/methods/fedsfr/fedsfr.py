@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from semfl.wireless.codecs import Payload
 from semfl.wireless.codecs.base import META_BITS, _count_scalars
 from semfl.wireless.compress import svq_error_feedback, svq_fraction_for_budget
-from semfl.config import ConfigError, register_table
+from semfl.config import ConfigError, option, register_table
 from semfl.protocol.method import register_method
 from semfl.methods.common import loss_rows, reply_meta, to_cpu, to_device, train_delta
 from semfl.methods.fedavg import FedAvg
@@ -45,7 +45,6 @@ from semfl.training import RunningAverage, batches, evaluate_semantic, load_weig
 
 MODES = ("fr", "compressed-fedavg")
 WEIGHTINGS = ("size", "loss-softmax", "fedlol")
-VQ_METHODS = ("fedsfr", "skbs", "fedsfd")  # methods on the VQ digital JSCC under this table's uplink budget
 
 
 def aggregation_weights(losses: list[float], sizes: list[int], rule: str) -> list[float]:
@@ -99,28 +98,25 @@ class WeightedUpdates:
 
 @dataclass
 class FedSFROptions:
-    mode: str = "fr"  # fr: FedSFR; compressed-fedavg: every user sends a compressed update, no FR
-    threshold_db: float = 10.0  # users at or above this link SNR send updates, the others features
-    slot_s: float = 0.05  # uplink time per round: the budget is B_up * slot_s * log2(1 + SNR) bits
-    public_fraction: float = 0.2  # of each user's samples: its public data, where features come from
-    server_epochs: int = 3  # the paper: 3
-    server_lr: float = 0.0  # FR learning rate; 0 = train.lr / 10
-    server_batch_size: int = 0  # 0 = train.batch_size
-    bits_per_symbol: int = 8  # codebook = 2**b-QAM (the paper: 256-QAM)
-    # encoder output bound (1 - margin) * max|codeword coordinate|; must stay below
-    # 1 / (sqrt(M) - 1) (1/15 for 256-QAM), or the outer ring of codewords is unreachable
-    margin: float = 0.05
-    usage_weight: float = 0.01  # beta of eq 3 (codeword usage KL)
-    measure_fr: bool = False  # evaluate the global model before and after FR each round (fr_gain_db)
-    weighting: str = "size"  # aggregation weights of the updates: size (eq 12) | loss-softmax | fedlol
-    # users' and FR learning rates x lr_decay ** ((round - 1) // lr_decay_every); the paper: 0.9 every 10
-    lr_decay: float = 1.0
-    lr_decay_every: int = 10
+    mode: str = option("fr", "fr: FedSFR; compressed-fedavg: every user sends a compressed update, no FR")
+    threshold_db: float = option(10.0, "users at or above this link SNR send updates, the others features")
+    slot_s: float = option(0.05, "uplink time per round: the budget is B_up * slot_s * log2(1 + SNR) bits")
+    public_fraction: float = option(0.2, "of each user's samples: its public data, where features come from")
+    server_epochs: int = option(3, "the paper: 3")
+    server_lr: float = option(0.0, "FR learning rate; 0 = train.lr / 10")
+    server_batch_size: int = option(0, "0 = train.batch_size")
+    bits_per_symbol: int = option(8, "codebook = 2**b-QAM (the paper: 256-QAM)")
+    margin: float = option(0.05, "encoder output bound (1 - margin) * max|codeword coordinate|; must stay below 1 / (sqrt(M) - 1) (1/15 for 256-QAM), or the outer ring of codewords is unreachable")
+    usage_weight: float = option(0.01, "beta of eq 3 (codeword usage KL)")
+    measure_fr: bool = option(False, "evaluate the global model before and after FR each round (fr_gain_db)")
+    weighting: str = option("size", "aggregation weights of the updates: size (eq 12) | loss-softmax | fedlol")
+    lr_decay: float = option(1.0, "users' and FR learning rates x lr_decay ** ((round - 1) // lr_decay_every); the paper: 0.9 every 10")
+    lr_decay_every: int = option(10, "rounds between two steps of the learning-rate decay (lr_decay)")
 
     def validate(self, cfg) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"fedsfr.mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
-        if cfg.method in VQ_METHODS and cfg.model.arch != "vq-jscc":
+        if cfg.model.arch != "vq-jscc":
             raise ConfigError(f"model.arch: {cfg.method} trains the VQ-based digital JSCC; set model.arch = 'vq-jscc' "
                               f"(got {cfg.model.arch!r})")
         if self.weighting not in WEIGHTINGS:
@@ -185,6 +181,7 @@ def capacity_bits(bandwidth_hz: float, slot_s: float, snr_db: float) -> int:
 @register_method
 class FedSFR(FedAvg):
     name = "fedsfr"
+    tables = FedAvg.tables + ("fedsfr",)
     precisions = ("fp32",)
     row_fields: tuple[str, ...] = ("budget_bits", "keep_fraction", "images")  # reply meta kept in user rows
 

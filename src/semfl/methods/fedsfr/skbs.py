@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from semfl.wireless.channel import make_channel
 from semfl.wireless.codecs import Payload
-from semfl.config import ConfigError, TrainConfig, register_table
+from semfl.config import ConfigError, TrainConfig, option, register_table
 from semfl.protocol.method import register_method
 from semfl.methods.common import finish_semantic, reply_meta, to_cpu, train_snr
 from semfl.methods.fedsfr.fedsfr import FedSFR, capacity_bits
@@ -44,9 +44,9 @@ from semfl.training import (batches, clip_gradients, evaluate_semantic, load_wei
 
 @dataclass
 class SKBSOptions:
-    compact_width: float = 0.5  # the compact JSCC's conv widths and encoder output channels, x the run's model
-    distill_weight: float = 1.0  # weight of each model's MSE to the other's reconstruction
-    user_eval_samples: int = 200  # test images for each user's personal model in evaluated rounds (0 = off)
+    compact_width: float = option(0.5, "the compact JSCC's conv widths and encoder output channels, x the run's model")
+    distill_weight: float = option(1.0, "weight of each model's MSE to the other's reconstruction")
+    user_eval_samples: int = option(200, "test images for each user's personal model in evaluated rounds (0 = off)")
 
     def validate(self, cfg) -> None:
         if not 0 < self.compact_width <= 1:
@@ -96,6 +96,7 @@ def mutual_distillation(personal: nn.Module, compact: nn.Module, x: torch.Tensor
 @register_method
 class SKBS(FedSFR):
     name = "skbs"
+    tables = FedSFR.tables + ("skbs",)  # the codebook, budget and compression of [fedsfr]
     row_fields = FedSFR.row_fields + ("personal_loss", "compact_distill", "personal_psnr_db", "personal_ssim",
                                       "personal_accuracy")
 

@@ -14,14 +14,14 @@ secure aggregation (see semfl.methods.psfl.privacy for the threat model).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from semfl.methods.psfl import agp as pruning
 from semfl.wireless.codecs import Payload
-from semfl.config import ConfigError, register_table
+from semfl.config import ConfigError, option, register_table
 from semfl.methods.foundation import foundation_weights, start_from_foundation
 from semfl.protocol.method import Method, register_method
 from semfl.methods.common import build_semantic_model, finish_semantic, train_snr
@@ -37,30 +37,26 @@ MENTORS = ("gsc-m", "gsc-l", "gsc-h")
 
 @dataclass
 class PSFLOptions:
-    mentor_rule: str = "rank"  # rank: Table I shares by data size (3/9 M, 4/9 L, 2/9 H); thresholds: by size
-    # size < t0 -> M, < t1 -> L, else H, in Table I samples: the defaults sit midway between Table I's
-    # groups (4429 | 4783, 5891 | 8958), so they give its 3/4/2 split on its sizes. They scale with
-    # data.user_fraction (users hold that fraction of their Table I volume), and a run where they
-    # would give every user the same mentor stops with an error naming the fields to change
-    mentor_thresholds: list[int] = field(default_factory=lambda: [4600, 7400])
-    mentors: list[str] = field(default_factory=list)  # per-user override, e.g. ["gsc-m", "gsc-h", ...]
-    pld: bool = True  # False = ablation "w/o PLD": every user takes GSC-M as mentor
-    agp: bool = True  # False = ablation "w/o AGP": no pruning
-    zeta_max: float = 0.9
-    prune_scope: str = "global"  # global | layer
-    mentor_lr: float = 0.0  # 0 = train.lr
-    ce_weight: float = 1.0  # weight of the classifier CE in the task losses (19)-(20); 1 = the paper
-    dis_weight: float = 1.0  # weight of the distillation losses (21)-(22) in the totals; 1 = the paper
-    sem_weight: float = 1.0  # weight of the semantic loss (23) in the totals; 1 = the paper
-    mentor_checkpoint: str = ""  # MAE checkpoint (official key layout) to initialise every mentor
-    pretrain_epochs: int = 0  # MAE-pretrain each mentor on its user's data before federated training
-    user_eval_samples: int = 500  # test images for each user's mentor/student evaluation
-    dp: bool = False
-    dp_clip_norm: float = 1.0
-    dp_noise_multiplier: float = 1.0
-    dp_delta: float = 1e-5
-    secure_aggregation: bool = False
-    secagg_frac_bits: int = 24
+    mentor_rule: str = option("rank", "rank: Table I shares by data size (3/9 M, 4/9 L, 2/9 H); thresholds: by size")
+    mentor_thresholds: list[int] = option(factory=lambda: [4600, 7400], doc="size < t0 -> M, < t1 -> L, else H; the defaults sit midway between Table I's groups (4429 | 4783, 5891 | 8958), so they give its 3/4/2 split on its sizes; in Table I samples, scaled by data.user_fraction; a run where they give every user the same mentor stops with an error naming the fields")
+    mentors: list[str] = option(factory=list, doc="per-user override, e.g. [\"gsc-m\", \"gsc-h\", ...]")
+    pld: bool = option(True, "False = ablation \"w/o PLD\": every user takes GSC-M as mentor")
+    agp: bool = option(True, "False = ablation \"w/o AGP\": no pruning")
+    zeta_max: float = option(0.9, "upper clip of the pruned fraction zeta_t of AGP (eq 26)")
+    prune_scope: str = option("global", "global | layer")
+    mentor_lr: float = option(0.0, "0 = train.lr")
+    ce_weight: float = option(1.0, "weight of the classifier CE in the task losses (19)-(20); 1 = the paper")
+    dis_weight: float = option(1.0, "weight of the distillation losses (21)-(22) in the totals; 1 = the paper")
+    sem_weight: float = option(1.0, "weight of the semantic loss (23) in the totals; 1 = the paper")
+    mentor_checkpoint: str = option("", "checkpoint to initialise every mentor: `semfl pretrain`'s output or an MAE checkpoint (official key layout)")
+    pretrain_epochs: int = option(0, "MAE-pretrain each mentor on its user's data before federated training")
+    user_eval_samples: int = option(500, "test images for each user's mentor/student evaluation")
+    dp: bool = option(False, "differential privacy: clip each user's update and add Gaussian noise")
+    dp_clip_norm: float = option(1.0, "L2 clipping norm of a user's update under psfl.dp")
+    dp_noise_multiplier: float = option(1.0, "Gaussian noise std / clip norm (z) under psfl.dp")
+    dp_delta: float = option(1e-5, "delta of the reported (epsilon, delta)-DP guarantee")
+    secure_aggregation: bool = option(False, "pairwise additive masks so the base station sees only the sum of updates")
+    secagg_frac_bits: int = option(24, "fixed-point fraction bits of the masked updates (64-bit ring)")
 
     def validate(self, cfg) -> None:
         if self.mentor_rule not in ("rank", "thresholds"):
@@ -117,6 +113,7 @@ def choose_mentors(sizes: list[int], options: PSFLOptions, user_fraction: float 
 @register_method
 class PSFL(Method):
     name = "psfl"
+    tables = ("psfl", "foundation")
 
     def __init__(self, run, transport):
         super().__init__(run, transport)

@@ -7,7 +7,7 @@ its own ``[fedproto]`` table for its options; fedavg-split uses ``fedcl.encoder`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,34 +16,31 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from semfl.config import ConfigError, register_table
+from semfl.config import ConfigError, option, register_table
 from semfl.models.split import ENCODERS, ClassifierHead, SplitEncoder, transmit
 from semfl.training import batches, make_optimizer
 
 
 @dataclass
 class FedCLOptions:
-    encoders: list[str] = field(default_factory=list)  # per user preset, e.g. ["dcgan-s", "dcgan-l", ...]
-    encoder_rule: str = "rank"  # rank: by data-size rank (smallest third s, middle m, largest l); same: `encoder`
-    encoder: str = "dcgan-m"  # the preset of rule "same" and of fedavg-split
-    lam: float = 0.01  # lambda of eq 10, on the squared L2 distance summed over the 64 dims (= FedProto's MSE x 64)
-    # each F^c rescaled to this L2 norm (0 = the SCG's raw output, as in the paper, whose eq 9 is unbounded
-    # below: F grows without end). Default sqrt(32): the norm of a power-normalised 32-symbol feature.
-    centroid_norm: float = 5.657
-    head_hidden: int = 128
-    head_lr: float = 0.0  # eta of eq 4 (0 = train.lr)
-    user_lrs: list[float] = field(default_factory=list)  # eta_k of eq 6 per user (empty = train.lr for all)
-    batches_per_message: int = 8  # mini-batches of features per uplink message (1 = per-batch exchange)
-    downlink_snr_db: float = 20.0  # SNR of the gradient downlink relative to the gradient power (inf = noiseless)
-    scg_input: str = "random"  # random (fixed random class vectors, the paper) | learned | onehot
-    scg_hidden: int = 128
-    scg_lr: float = 0.001
-    scg_steps: int = 10  # E': SCG updates per round on the round's local centroids
-    eval_at_train_snr: bool = True  # with channel.train_snr = "fixed", evaluate at channel.snr_db (else eval.snr_db)
-    feature_snr_db: float = 5.0  # SNR of the feature scatter (t-SNE / PCA) in finish, paper Fig 4
-    feature_samples: int = 600  # test images in that scatter
-    eval_classes: str = "local"  # local: each user is tested on the test images of the classes it holds (FedProto's
-    # protocol); all: on the whole test subset
+    encoders: list[str] = option(factory=list, doc="per user preset, e.g. [\"dcgan-s\", \"dcgan-l\", ...]")
+    encoder_rule: str = option("rank", "rank: by data-size rank (smallest third s, middle m, largest l); same: `encoder`")
+    encoder: str = option("dcgan-m", "the preset of rule \"same\" and of fedavg-split")
+    lam: float = option(0.01, "lambda of eq 10, on the squared L2 distance summed over the 64 dims (= FedProto's MSE x 64)")
+    centroid_norm: float = option(5.657, "each F^c rescaled to this L2 norm (0 = the SCG's raw output, as in the paper, whose eq 9 is unbounded below: F grows without end). Default sqrt(32): the norm of a power-normalised 32-symbol feature.")
+    head_hidden: int = option(128, "hidden width of the classifier head (semantic decoder)")
+    head_lr: float = option(0.0, "eta of eq 4 (0 = train.lr)")
+    user_lrs: list[float] = option(factory=list, doc="eta_k of eq 6 per user (empty = train.lr for all)")
+    batches_per_message: int = option(8, "mini-batches of features per uplink message (1 = per-batch exchange)")
+    downlink_snr_db: float = option(20.0, "SNR of the gradient downlink relative to the gradient power (inf = noiseless)")
+    scg_input: str = option("random", "random (fixed random class vectors, the paper) | learned | onehot")
+    scg_hidden: int = option(128, "hidden width of the semantic centroid generator (SCG)")
+    scg_lr: float = option(0.001, "Adam learning rate of the SCG")
+    scg_steps: int = option(10, "E': SCG updates per round on the round's local centroids")
+    eval_at_train_snr: bool = option(True, "with channel.train_snr = \"fixed\", evaluate at channel.snr_db (else eval.snr_db)")
+    feature_snr_db: float = option(5.0, "SNR of the feature scatter (t-SNE / PCA) in finish, paper Fig 4")
+    feature_samples: int = option(600, "test images in that scatter")
+    eval_classes: str = option("local", "local: each user is tested on the test images of the classes it holds (FedProto's protocol); all: on the whole test subset")
 
     def validate(self, cfg) -> None:
         """Each error names exactly the offending field."""
@@ -57,9 +54,6 @@ class FedCLOptions:
             raise ConfigError(f"fedcl.encoders: needs one encoder per user ({cfg.users}), got {len(self.encoders)}")
         if self.encoder_rule not in ("rank", "same"):
             raise ConfigError(f"fedcl.encoder_rule: expected 'rank' or 'same', got {self.encoder_rule!r}")
-        if cfg.method == "fedavg-split" and len(set(self.encoders)) > 1:
-            raise ConfigError("fedcl.encoders: fedavg-split averages whole models and needs the same encoder for "
-                              "every user (set fedcl.encoder instead)")
         if self.user_lrs and len(self.user_lrs) != cfg.users:
             raise ConfigError(f"fedcl.user_lrs: needs one learning rate per user ({cfg.users}), got {len(self.user_lrs)}")
         if any(lr <= 0 for lr in self.user_lrs):

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from semfl.wireless.channel import make_channel
+from semfl.config import ConfigError
 from semfl.wireless.codecs import Payload
 from semfl.protocol.method import Method, register_method
 from semfl.methods.split.common import build_encoder, build_head, eval_snr, evaluate_split, finish_split, float_state, load_float_state, local_train_split, split_snr, user_lr, user_test_set
@@ -22,7 +23,14 @@ from semfl.training import RunningAverage
 @register_method
 class FedAvgSplit(Method):
     name = "fedavg-split"
+    tables = ("fedcl",)  # the encoder, head and exchange of [fedcl]
     precisions = ("fp32",)  # split learning: features and gradients cross the link in fp32
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if len(set(cfg.table("fedcl").encoders)) > 1:
+            raise ConfigError("fedcl.encoders: fedavg-split averages whole models and needs the same encoder for "
+                              "every user (set fedcl.encoder instead)")
 
     def __init__(self, run, transport):
         super().__init__(run, transport)

@@ -87,6 +87,7 @@ def batch_sizes(num_samples: int, batch_size: int, epochs: int) -> list[int]:
 @register_method
 class FedCL(Method):
     name = "fedcl"
+    tables = ("fedcl",)
     precisions = ("fp32",)  # split learning: features and gradients cross the link in fp32
 
     def __init__(self, run, transport):

@@ -21,7 +21,7 @@ import torch
 
 from semfl.wireless.channel import make_channel
 from semfl.wireless.codecs import Payload
-from semfl.config import ConfigError, register_table
+from semfl.config import ConfigError, option, register_table
 from semfl.protocol.method import Method, register_method
 from semfl.methods.split.common import assign_encoders, build_encoder, build_head, eval_snr, evaluate_split, finish_split, float_state, load_float_state, local_train_split, split_snr, user_lr, user_test_set
 from semfl.models.split import FEATURE_DIM
@@ -31,8 +31,8 @@ from semfl.protocol.context import UserContext
 
 @dataclass
 class FedProtoOptions:
-    lam: float = 1.0  # weight of the prototype MSE (paper: 1; 0.1 on CIFAR-10)
-    weighted: bool = True  # average prototypes weighted by sample counts (paper) or unweighted (authors' code)
+    lam: float = option(1.0, "weight of the prototype MSE (paper: 1; 0.1 on CIFAR-10)")
+    weighted: bool = option(True, "average prototypes weighted by sample counts (paper) or unweighted (authors' code)")
 
     def validate(self, cfg) -> None:
         if self.lam < 0:
@@ -59,6 +59,7 @@ def average_prototypes(replies: list[tuple[torch.Tensor, torch.Tensor, torch.Ten
 @register_method
 class FedProto(Method):
     name = "fedproto"
+    tables = ("fedcl", "fedproto")  # the encoders of [fedcl]
     precisions = ("fp32",)  # split learning: features and gradients cross the link in fp32
 
     def __init__(self, run, transport):

@@ -264,21 +264,6 @@ def cmd_deploy_local(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    deploy = sub.add_parser("deploy", help="run a config on a real Flower deployment")
-    where = deploy.add_subparsers(dest="where", required=True)
-    local = where.add_parser("local", help="a SuperLink and one SuperNode per user as processes on 127.0.0.1")
-    local.add_argument("config", help="TOML config")
-    local.add_argument("--users", type=int, required=True, help="number of SuperNodes (= users)")
-    local.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    local.add_argument("--out", help="run directory (default runs/<config>-<method>-s<seed>-flower)")
-    local.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    local.add_argument("--tls", action="store_true", help="TLS between SuperNodes/CLI and the SuperLink")
-    local.add_argument("--auth", action="store_true", help="SuperNode authentication (EC key per node)")
-    local.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run (default 3600)")
-    local.set_defaults(func=cmd_deploy_local)
-
-
 def _descendants(roots: list[int]) -> list[int]:
     """Every living descendant of the processes `roots` (from `ps`, as no psutil is assumed)."""
     table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split()
