@@ -136,3 +136,80 @@ def test_real_node_death_mid_run_is_survived(psfl_overrides, tmp_path):
     assert glob[1]["missing_users"] == [] and glob[2]["missing_users"] == [1]
     assert set(glob) == {0, 1, 2}
     assert "serverapp.log" in {p.name for p in (out / "deploy" / "logs").iterdir()}
+
+
+@pytest.mark.slow
+def test_secure_aggregation_survives_a_supernode_killed_mid_round(tiny_overrides, tmp_path):
+    """PSFL with secure aggregation on a real deployment of 3 SuperNodes (threshold t = 2): user 1's
+    SuperNode is killed in round 2 when it receives the train request (so after it has shared its
+    secrets), before its masked update arrives. The survivors' shares unmask the sum without it; the run completes."""
+    from semfl.files import read_jsonl as rows_of
+
+    cfg = load_config(None, tiny_overrides + ["method=psfl", "users=3", "rounds=2", "psfl.secure_aggregation=true",
+                                              "engine.reply_timeout_s=300", "engine.connect_timeout_s=900"])
+    out = tmp_path / "run"
+    deployment = LocalDeployment(cfg, out, timeout_s=1500, log=lambda m: None)
+    killed = threading.Event()
+
+    def train_received() -> bool:  # user 1's SuperNode took round 2's train request: it has shared its secrets
+        log = out / "deploy" / "logs" / "supernode-1.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return "ROUND 2]" in text and "Receiving: train message" in text[text.index("ROUND 2]"):]
+
+    def killer():
+        deadline = time.monotonic() + 1200
+        while time.monotonic() < deadline and not killed.is_set():
+            if train_received():
+                os.killpg(dict(deployment.processes)["supernode-1"].pid, signal.SIGKILL)
+                killed.set()
+            time.sleep(0.05)
+
+    threading.Thread(target=killer, daemon=True).start()
+    deployment.execute()
+    assert killed.is_set()
+    glob = {r["round"]: r for r in rows_of(out / "metrics.jsonl") if r["scope"] == "global"}
+    assert glob[1]["secagg_dropped"] == [] and glob[1]["missing_users"] == []
+    assert glob[2]["secagg_dropped"] == [1] and 1 in glob[2]["missing_users"] and "secagg_skipped" not in glob[2]
+    assert set(glob) == {0, 1, 2} and glob[2]["psnr_db"] > 0
+
+
+@pytest.mark.slow
+def test_tls_and_auth_keep_intruders_out_and_the_run_undisturbed(psfl_overrides, tmp_path):
+    """`semfl deploy local --tls --auth` with three intruding SuperNodes that each claim user 0 and
+    each lack exactly one thing: a registered key, trust in the deployment's CA, or TLS at all.
+    None of them gets in (had one connected, the base station would see two nodes serving user 0
+    and stop); the authorised users' run matches the local transport. Measured: the unregistered-key
+    and other-CA nodes log "Connection attempt failed" until stopped; the plain-text one is refused
+    by flower-supernode itself (exit code 303: an auth key needs TLS), so it never reaches the
+    SuperLink: a plain-text client without a key is not tried here."""
+    from semfl.runtimes.flower.deploy import free_port, make_certificates
+
+    cfg = load_config(None, psfl_overrides + ["rounds=1", "engine.connect_timeout_s=900"])
+    Runner(cfg, tmp_path / "local", show_progress=False, log=lambda m: None).execute()
+    out = tmp_path / "deployed"
+
+    class WithIntruders(LocalDeployment):
+        def start_supernodes(self, port: int) -> None:
+            super().start_supernodes(port)
+            registered, public = make_node_key(self.work / "keys", 7)
+            assert self.flwr("supernode", "register", str(public), "deploy", timeout=60).returncode == 0
+            (self.work / "intruder-keys").mkdir(exist_ok=True)
+            unregistered, _ = make_node_key(self.work / "intruder-keys", 8)
+            other_ca = make_certificates(self.work / "other-ca") / "ca.crt"
+            ca = self.work / "certs" / "ca.crt"
+            for name, extra in (("unregistered-key", ["--root-certificates", str(ca), "--auth-supernode-private-key", str(unregistered)]),
+                                ("other-ca", ["--root-certificates", str(other_ca), "--auth-supernode-private-key", str(registered)]),
+                                ("plain-text", ["--insecure", "--auth-supernode-private-key", str(registered)])):
+                self.start(f"intruder-{name}", [str(self.bin / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
+                                                "--port", str(free_port()), "--isolation", "subprocess", "--node-config",
+                                                f'user=0 state-dir="{self.work / "intruder-state"}"', *extra])
+            time.sleep(5)  # give the intruders time to try before the run discovers its nodes
+
+    WithIntruders(cfg, out, tls=True, auth=True, timeout_s=1500, log=lambda m: None).execute()
+    local, deployed = read_jsonl(tmp_path / "local" / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
+    assert_same_metrics(local, deployed)
+    logs = {p.name: p.read_text(errors="replace") for p in (out / "deploy" / "logs").glob("intruder-*.log")}
+    assert sorted(logs) == ["intruder-other-ca.log", "intruder-plain-text.log", "intruder-unregistered-key.log"]
+    print({name: text[-600:] for name, text in logs.items()})  # shown with -s: what each intruder was told
+    assert not (out / "deploy" / "intruder-state").exists()  # no intruder ever served a message
+    assert not flower_processes(out)

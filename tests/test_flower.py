@@ -12,7 +12,6 @@ from semfl.wireless.codecs import Payload  # noqa: E402
 from semfl.config import load_config  # noqa: E402
 from conftest import method_overrides  # noqa: E402
 from semfl.methods import available_methods  # noqa: E402
-from semfl.methods.psfl.privacy import MaskedUpdate  # noqa: E402
 from semfl.files import read_jsonl  # noqa: E402
 from flower_loopback import LoopbackGrid  # noqa: E402
 from semfl.runtimes.flower.node import UserStateStore, make_client_app  # noqa: E402
@@ -72,13 +71,6 @@ def test_payload_round_trip_is_lossless_and_keeps_bits():
     assert back.bits() == payload.bits()
 
 
-def test_masked_update_keeps_its_sender():
-    masked = MaskedUpdate({"w": torch.tensor([3, -4], dtype=torch.int64)}, 1, (0, 1, 2), 99, 24)
-    back, _ = record_to_payload(payload_to_record(Payload(masked), {}))
-    assert isinstance(back.tensors, MaskedUpdate)
-    assert (back.tensors.user, back.tensors.participants, back.tensors.round_seed, back.tensors.frac_bits) == (1, (0, 1, 2), 99, 24)
-
-
 def test_metadata_must_be_plain():
     with pytest.raises(TypeError, match="JSON-serialisable"):
         payload_to_record(Payload(meta={"x": object()}), {})
@@ -118,7 +110,42 @@ def test_flower_adapter_matches_local_transport(method, flower_overrides, tmp_pa
 
 def test_psfl_with_secure_aggregation_and_dp_matches(flower_overrides, tmp_path):
     overrides = flower_overrides + ["method=psfl", "psfl.secure_aggregation=true", "psfl.dp=true"]
-    assert_same_metrics(run_local(overrides, tmp_path / "local"), run_flower(overrides, tmp_path / "flower"))
+    local, flower = run_local(overrides, tmp_path / "local"), run_flower(overrides, tmp_path / "flower")
+    assert_same_metrics(local, flower)
+    # the protocol's messages are in the link rows, the same bits on both transports: per user and
+    # round, 2 public keys, an encrypted pair of shares for each other user (nonce, tag, header and
+    # two 52-byte Shamir shares), the masked update (64 bits an entry), the sample count, and one
+    # b-share per survivor
+    from semfl.protocol.checkpoint import load_checkpoint
+    entries = sum(v.numel() for v in load_checkpoint(tmp_path / "flower" / "checkpoint/state.pt")["method"]["global_weights"].values())
+    users = load_config(None, overrides).users
+    expected = 2 * 32 * 8 + (users - 1) * (12 + 16 + 20 + 104) * 8 + 64 * entries + 32 + users * 52 * 8
+    for rows in (local, flower):
+        assert [r["uplink_bits"] for r in rows if r["scope"] == "link"] == [expected] * (2 * users)
+
+
+def test_secure_aggregation_recovers_a_node_killed_mid_round_and_skips_when_too_few_remain(flower_overrides, tmp_path):
+    overrides = flower_overrides + ["method=psfl", "psfl.secure_aggregation=true", "rounds=3"]
+    cfg = load_config(None, overrides)  # 3 users: threshold t = 2
+    grid = LoopbackGrid(CLIENT_APP, [{"user": k} for k in range(cfg.users)])
+    original = FlowerTransport.send
+    kills = {(2, "train"): [1], (3, "secagg_shares"): [0]}  # round 2: user 1 after sharing; round 3: user 0 too
+
+    def send(self, users, kind, payload, on_reply=None):
+        for user in kills.get((self.round, kind), []):
+            grid.kill(self.node_of[user])
+        return original(self, users, kind, payload, on_reply)
+
+    FlowerTransport.send = send
+    try:
+        rows = run_flower(overrides, tmp_path / "run", grid=grid)
+    finally:
+        FlowerTransport.send = original
+    globals_ = {r["round"]: r for r in rows if r["scope"] == "global"}
+    assert globals_[1]["secagg_dropped"] == [] and "secagg_skipped" not in globals_[1]
+    assert globals_[2]["secagg_dropped"] == [1] and globals_[2]["missing_users"] == [1]
+    assert globals_[3]["secagg_skipped"] == "share distribution: 1 of 3 users answered, threshold t = 2"
+    assert all(r["psnr_db"] > 0 for r in globals_.values())
 
 
 # ---------------------------------------------------------------- faults and resume

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from semfl.wireless.channel import make_channel
+from semfl.methods import aggregation as _aggregation  # noqa: F401  (registers the [aggregation] table)
 from semfl.protocol.method import RunContext
 from semfl.models import build_model
 
@@ -184,15 +185,17 @@ def to_device(tensors: dict | None, device) -> dict | None:
     return None if tensors is None else {k: v.to(device) for k, v in tensors.items()}
 
 
-def send_and_average(transport, users, request, like: dict, weight=None):
+def send_and_average(transport, users, request, like: dict, weight=None, aggregation=None, reference=None):
     """Send `request` (one payload or one per user) to `users` and average the replies' tensors as
     they arrive (a running sum, not K held updates). weight(reply) -> float gives each reply's
-    weight, by default its sample count (PSFL eq 10). Users are trained together where the method
+    weight, by default its sample count (PSFL eq 10). `aggregation` (the [aggregation] table) picks
+    a robust rule instead of the mean (methods.aggregation); `reference` is what the replies are
+    relative to (the global weights, when users reply with weights rather than updates). Users are trained together where the method
     registered a "train:batched" handler and the transport can batch (the local one; it falls
     back to one by one otherwise). Returns (mean, {user: reply meta})."""
-    from semfl.training import RunningAverage
+    from semfl.methods.aggregation import Aggregator
 
-    average = RunningAverage()
+    average = Aggregator(aggregation, reference)
     metas = {}
 
     def collect(user, reply) -> None:

@@ -74,9 +74,16 @@ class FedAvg(Method):
                            self.run.classifier, ctx.generator("batches"))
         return Payload(weights_of(self.model), codec="dense", meta=reply_meta(self.run, self.model, ctx, loss))
 
+    def expected_reply(self, kind: str) -> dict[str, torch.Tensor] | None:
+        """A train reply holds one tensor per global weight (the weights or their update), same shape and dtype."""
+        if kind != "train":
+            return None
+        return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in self.global_weights.items()}
+
     def run_round(self, round_: int, users: list[int]) -> dict[str, Any]:
         self.global_weights, metas = send_and_average(self.transport, users, Payload(self.global_weights, codec="dense"),
-                                                      self.global_weights)
+                                                      self.global_weights, aggregation=self.cfg.table("aggregation"),
+                                                      reference=self.global_weights)
         return {"user_rows": loss_rows(metas)}
 
     def evaluate(self, round_: int) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from semfl.wireless.link import Link
 from semfl.models import ImageSpec
 from semfl.objective import Objective
 from semfl.protocol.transport import Transport
+from semfl.protocol.validation import ReplyCheck
 
 _METHODS: dict[str, type["Method"]] = {}
 
@@ -80,6 +81,11 @@ class Method:
     def handlers(self) -> dict[str, Callable]:
         raise NotImplementedError
 
+    def expected_reply(self, kind: str) -> dict[str, torch.Tensor] | None:
+        """The tensors (names, shapes, dtypes) a user's reply to a ``kind`` request must hold, or None
+        when they vary; the transport rejects replies that differ (protocol.validation)."""
+        return None
+
     def run_round(self, round_: int, users: list[int]) -> dict[str, Any]:
         """One communication round; returns round-level fields for the global metrics row."""
         raise NotImplementedError
@@ -115,8 +121,9 @@ class Method:
 
 
 def bind(method_cls: type[Method], run: RunContext, transport: Transport,
-         on_user_done: Callable[[int], None] | None = None) -> Method:
-    """A method talking through ``transport``: build it, then hand its user handlers to the transport."""
+         on_user_done: Callable[[int], None] | None = None, log: Callable[[str], None] | None = None) -> Method:
+    """A method talking through ``transport``: build it, then hand the transport its user handlers and
+    the check of its replies (the tensors each request kind expects, the users' data sizes)."""
     method = method_cls(run, transport)
-    transport.bind(method.handlers(), on_user_done)
+    transport.bind(method.handlers(), on_user_done, ReplyCheck(method.expected_reply, run.user_sizes), log)
     return method

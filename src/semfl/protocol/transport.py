@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 from semfl.protocol.context import Handler
+from semfl.protocol.validation import ReplyCheck
 from semfl.wireless.codecs import Payload
 
 Replies = dict[int, Payload]
@@ -21,7 +22,8 @@ class Transport(Protocol):
     round: int  # the round being served (set by start_round)
     workers: int  # processes serving one request's users (1 = one at a time)
 
-    def bind(self, handlers: dict[str, Handler], on_user_done: Callable[[int], None] | None = None) -> None: ...
+    def bind(self, handlers: dict[str, Handler], on_user_done: Callable[[int], None] | None = None,
+             reply_check: ReplyCheck | None = None, log: Callable[[str], None] | None = None) -> None: ...
 
     def start_round(self, round_: int) -> None: ...
 
@@ -49,11 +51,18 @@ class TransportBase:
     workers: int = 1
     handlers: dict[str, Handler]
     on_user_done: Callable[[int], None] | None = None
+    reply_check: ReplyCheck | None = None  # what a valid reply looks like (protocol.validation)
+    log: Callable[[str], None] | None = None
 
-    def bind(self, handlers: dict[str, Handler], on_user_done: Callable[[int], None] | None = None) -> None:
-        """Give the transport the method's user handlers (and a callback per served user)."""
+    def bind(self, handlers: dict[str, Handler], on_user_done: Callable[[int], None] | None = None,
+             reply_check: ReplyCheck | None = None, log: Callable[[str], None] | None = None) -> None:
+        """Give the transport the method's user handlers, a callback per served user, the check every
+        reply passes before the method sees it, and where to log (a transport with its own log keeps it)."""
         self.handlers = dict(handlers)
         self.on_user_done = on_user_done
+        self.reply_check = reply_check
+        if self.log is None:
+            self.log = log
 
     def start_round(self, round_: int) -> None:
         self.round = round_

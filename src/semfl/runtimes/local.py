@@ -13,7 +13,7 @@ import tempfile
 import weakref
 from collections import OrderedDict
 from collections.abc import MutableMapping
-from dataclasses import dataclass, field
+
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -269,7 +269,7 @@ class LocalTransport(LinkCharging):
             seeding.enter(ctx.seed)
             reply = handler(ctx, request)
             self.states.enforce(touched=[user])
-            self._uplink(user, reply, replies, on_reply)
+            self._uplink(user, reply, replies, on_reply, kind)
         return replies
 
     def _send_parallel(self, users: list[int], kind: str, handler: Handler, payload: Payload | dict[int, Payload],
@@ -287,7 +287,7 @@ class LocalTransport(LinkCharging):
             self._downlink(user, payload)
             self.states[user] = state
             self.states.enforce(touched=[user])
-            self._uplink(user, reply, replies, on_reply)
+            self._uplink(user, reply, replies, on_reply, kind)
 
     def send_batched(self, users: Iterable[int], kind: str, payload: Payload | dict[int, Payload],
                      on_reply: Callable[[int, Payload], None] | None = None) -> dict[int, Payload]:
@@ -311,8 +311,12 @@ class LocalTransport(LinkCharging):
             raise RuntimeError(f"batched handler {kind!r} returned {len(out)} replies for {len(users)} users")
         replies: dict[int, Payload] = {}
         for user, reply in zip(users, out):
-            self._uplink(user, reply, replies, on_reply)
+            self._uplink(user, reply, replies, on_reply, kind)
         return replies
+
+    def round_info(self, round_: int) -> dict[str, Any]:
+        """The round's rejected replies, if any (for its global metrics row)."""
+        return self.rejected_info(round_)
 
     def fetch_state(self, user: int, keys: Iterable[str]) -> dict[str, Any]:
         """The entries `keys` of a user's persistent state that exist (for evaluation and final

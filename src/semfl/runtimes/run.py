@@ -23,6 +23,7 @@ from semfl.wireless.link import Link, round_totals
 from semfl.methods import get_method
 from semfl.protocol.method import RunContext, bind
 from semfl.models.classifier import frozen_classifier, run_cache_dir
+from semfl.protocol.validation import nonfinite_entries
 from semfl.protocol import seeding
 from semfl.files import atomic_text, read_jsonl, write_jsonl
 from semfl.protocol.checkpoint import load_checkpoint, save_checkpoint
@@ -177,7 +178,7 @@ class Runner:
             method_cls = get_method(self.cfg.method)
             transport = self.make_transport(self.cfg, run, user_data, self.out)
             seeding.enter(self.cfg.seed, "init")
-            method = bind(method_cls, run, transport, on_user_done=self.progress.user_done)
+            method = bind(method_cls, run, transport, on_user_done=self.progress.user_done, log=self.log)
             start, rows, wall = self._restore(method, transport)
             if start == 1 and not rows:
                 seeding.enter(self.cfg.seed, 0, "eval")
@@ -198,6 +199,11 @@ class Runner:
                 except Exception:
                     info = transport.round_info(round_)
                     missing = set(info.get("missing_users", []))
+                    rejected = {r["user"] for r in info.get("rejected_users", [])}
+                    if rejected and missing | rejected >= set(users):
+                        reasons = " | ".join(f"user {r['user']}: {r['reason']}" for r in info["rejected_users"][:3])
+                        raise RunError(f"round {round_}: no valid reply to aggregate (rejected: {reasons}); "
+                                       "the checkpoint of the previous round is kept") from None
                     if missing and missing >= set(users):
                         errors = info.get("node_errors", [])
                         if errors:
@@ -208,6 +214,7 @@ class Runner:
                         raise RunError(f"round {round_}: no user answered (users {sorted(missing)} missing){cause}") from None
                     raise
                 info.update(transport.round_info(round_))
+                self._check_finite(method, round_, {})
                 wall += time.perf_counter() - tic
                 link_rows = run.link.drain(round_)
                 totals = round_totals(link_rows, self.cfg.link.eta)
@@ -217,6 +224,7 @@ class Runner:
                 info["cumulative_uplink_energy_j"] = energy
                 info["wall_s"] = wall
                 new_rows = self._round_rows(method, round_, info, link_rows)
+                self._check_finite(method, round_, new_rows[0])
                 history += [r for r in new_rows if r.get("scope") == "global"]
                 stop = self._stops(round_, history)
                 if round_ == self.cfg.rounds or stop:
@@ -255,6 +263,20 @@ class Runner:
     def _convergence(self, rows: list[dict]):
         e = self.cfg.eval
         return run_verdict(rows, e.converge_metric, e.converge_window, e.converge_tolerance)
+
+    def _check_finite(self, method, round_: int, global_row: dict) -> None:
+        """Stop before a non-finite model (weights, or its evaluated loss: finite but huge weights
+        overflow) is evaluated or checkpointed: the last good checkpoint stays for --resume."""
+        bad = nonfinite_entries(method.state_dict())
+        bad += [f"its test {key} = {global_row[key]}" for key in ("loss", "psnr_db")
+                if isinstance(global_row.get(key), float) and not math.isfinite(global_row[key])]
+        if bad:
+            shown = ", ".join(bad[:3]) + (", …" if len(bad) > 3 else "")
+            kept = (f"the checkpoint of round {round_ - 1} in {self.out / CHECKPOINT} is intact (continue with --resume "
+                    "once the cause is fixed)") if (self.out / CHECKPOINT).is_file() else "no checkpoint was written yet"
+            raise RunError(f"round {round_}: the global model became non-finite ({shown}); the run stops here and {kept}. "
+                           "A robust aggregation (aggregation = 'median', 'trimmed_mean' or 'norm_bounded') "
+                           "limits what one user's reply can do")
 
     def _restore(self, method, transport) -> tuple[int, list[dict], float]:
         ckpt_path = self.out / CHECKPOINT

@@ -65,6 +65,6 @@ class FedPAQ(FedAvg):
     def run_round(self, round_: int, users: list[int]) -> dict[str, Any]:
         weight = None if self.options.weighting == "samples" else (lambda reply: 1.0)
         mean, metas = send_and_average(self.transport, users, Payload(self.global_weights, codec="dense"),
-                                        self.global_weights, weight)
+                                        self.global_weights, weight, aggregation=self.cfg.table("aggregation"))
         self.global_weights = {k: v + mean[k] for k, v in self.global_weights.items()}
         return {"user_rows": loss_rows(metas), "participants": len(users)}

@@ -156,6 +156,7 @@ class FTTQ(FedAvg):
 
     def run_round(self, round_: int, users: list[int]) -> dict[str, Any]:
         mean, metas = send_and_average(self.transport, users, self.payload(self.global_weights),
-                                        self.global_weights)
+                                        self.global_weights, aggregation=self.cfg.table("aggregation"),
+                                        reference=self.global_weights)
         self.global_weights = self.requantise(mean)
         return {"user_rows": loss_rows(metas)}

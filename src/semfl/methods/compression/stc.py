@@ -98,7 +98,8 @@ class STC(FedAvg):
         requests = self.downlink(users)
         dense = sum(1 for p in requests.values() if p.codec == "dense")
         weight = None if self.options.weighting == "samples" else (lambda reply: 1.0)
-        mean, metas = send_and_average(self.transport, users, requests, self.global_weights, weight)
+        mean, metas = send_and_average(self.transport, users, requests, self.global_weights, weight,
+                                        aggregation=self.cfg.table("aggregation"))
         p_down = self.options.downlink_sparsity or self.options.sparsity
         update, self.residual = stc_error_accumulation(mean, self.residual, p_down)
         self.global_weights = {k: v + update[k] for k, v in self.global_weights.items()}

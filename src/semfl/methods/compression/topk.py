@@ -58,6 +58,6 @@ class TopK(FedAvg):
 
     def run_round(self, round_: int, users: list[int]) -> dict[str, Any]:
         mean, metas = send_and_average(self.transport, users, Payload(self.global_weights, codec="dense"),
-                                        self.global_weights)
+                                        self.global_weights, aggregation=self.cfg.table("aggregation"))
         self.global_weights = {k: v + mean[k] for k, v in self.global_weights.items()}
         return {"user_rows": loss_rows(metas)}

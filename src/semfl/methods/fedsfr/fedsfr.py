@@ -201,6 +201,9 @@ class FedSFR(FedAvg):
         model.configure(o.bits_per_symbol, o.margin, o.usage_weight)  # the codebook the run trained with
         return model
 
+    def expected_reply(self, kind: str) -> dict[str, torch.Tensor] | None:
+        return None  # codebook indices or compressed updates, depending on the round's request
+
     def request_meta(self, round_: int) -> dict:
         return {}
 

@@ -1,4 +1,4 @@
-"""Privacy for PSFL uploads (PSFL Section II-B): user-level (ε, δ)-DP and secure aggregation.
+"""Privacy for PSFL uploads (PSFL Section II-B): user-level (ε, δ)-DP.
 
 **Differential privacy** (DP-FedAvg style, McMahan et al. 2018). Each user clips its update
 Δ_k to global L2 norm C and adds Gaussian noise *before* masking/encryption, as the paper says
@@ -25,18 +25,9 @@ post-processing. Data-size weights N_k/ΣN make N_k public and are not covered b
 them under DP (each clipped update is scaled by at most 1, so the sum's noise multiplier stays
 at least z), as README says.
 
-**Secure aggregation** (pairwise additive masking, Bonawitz et al. 2017, simplified). Threat
-model: honest-but-curious base station, no collusion between BS and users, every participant
-responds (no dropout recovery: a missing participant makes the round's sum impossible to
-unmask and :func:`unmask_sum` raises). Updates are encoded to fixed point
-round(x·2^frac_bits) in the ring Z/2^64 (int64 with wrap-around); user i adds +m_ij for every
-j > i and −m_ij for every j < i, with m_ij uniform over the ring, expanded from a pair seed
-s_ij. The masks cancel exactly in the sum, so the BS learns Σ_k Δ_k and nothing else about a
-single Δ_k. Here s_ij is derived deterministically from (round_seed, i, j) to simulate the key
-agreement; a real deployment derives s_ij with Diffie–Hellman so the BS cannot know it.
-Masking hides individual updates, not the aggregate: DP protects the aggregate. For the
-weighted average (PSFL (10)) users pre-multiply Δ_k by N_k/ΣN before masking
-(:func:`secure_aggregate` does it). Masked tensors are returned on the CPU.
+**Secure aggregation** lives in :mod:`semfl.protocol.secagg` (X25519 key agreement, Shamir
+shares, dropout recovery). It hides single updates from the base station, not the aggregate:
+DP protects the aggregate. Threat models: docs/security.md.
 """
 from __future__ import annotations
 
@@ -45,7 +36,6 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -171,114 +161,3 @@ class PrivacyAccountant:
             if key in state and not math.isclose(state[key], getattr(self, key)):
                 raise ValueError(f"accountant {key} differs: saved {state[key]}, now {getattr(self, key)}")
         self.steps = int(state["steps"])
-
-
-# ----------------------------------------------------------------------------- secure aggregation
-@dataclass
-class SecAggConfig:
-    enabled: bool = False
-    frac_bits: int = 24
-
-
-class MaskedUpdate(dict):
-    """int64 masked fixed-point tensors plus who sent them (so unmasking can detect dropouts)."""
-
-    def __init__(self, tensors: Update, user: int, participants: tuple[int, ...],
-                 round_seed: int, frac_bits: int):
-        super().__init__(tensors)
-        self.user, self.participants = user, participants
-        self.round_seed, self.frac_bits = round_seed, frac_bits
-
-
-def _pair_mask(round_seed: int, i: int, j: int, n: int) -> np.ndarray:
-    """m_ij: n uniform elements of Z/2^64 from the pair seed s_ij = (round_seed, min, max)."""
-    rng = np.random.default_rng([round_seed % 2**64, min(i, j), max(i, j)])
-    return rng.integers(0, 2**64, size=n, dtype=np.uint64, endpoint=False)
-
-
-def mask_update(update: Update, user: int, participants: list[int], round_seed: int,
-                frac_bits: int) -> MaskedUpdate:
-    """Fixed-point encode ``update`` and add the pairwise masks of ``user`` (see module doc)."""
-    parts = tuple(sorted(participants))
-    if len(set(parts)) != len(parts) or user not in parts or min(parts) < 0:
-        raise ValueError(f"user {user} must be one of the distinct, non-negative participants {parts}")
-    keys = sorted(update)
-    flat = torch.cat([update[k].detach().reshape(-1).cpu().double() for k in keys])
-    fixed = torch.round(flat * 2.0**frac_bits)
-    limit = (2**63 - 1) // len(parts)  # the true sum must fit in int64
-    if flat.numel() and not torch.isfinite(flat).all():
-        raise ValueError(f"user {user}'s update has a NaN or infinite value: it cannot be masked")
-    if flat.numel() and float(fixed.abs().max()) > limit:
-        raise OverflowError(f"update value too large for frac_bits={frac_bits} with {len(parts)} users "
-                            f"(|x| must be below {limit / 2.0**frac_bits:.3g})")
-    acc = fixed.to(torch.int64).numpy().view(np.uint64).copy()
-    for other in parts:  # uint64 arithmetic wraps modulo 2^64 by definition
-        if other > user:
-            acc += _pair_mask(round_seed, user, other, acc.size)
-        elif other < user:
-            acc -= _pair_mask(round_seed, user, other, acc.size)
-    masked = torch.from_numpy(acc.view(np.int64))
-    out, start = {}, 0
-    for k in keys:
-        n = update[k].numel()
-        out[k] = masked[start:start + n].reshape(update[k].shape)
-        start += n
-    return MaskedUpdate(out, user, parts, round_seed, frac_bits)
-
-
-def _check_complete(masked: list[Update], frac_bits: int) -> None:
-    meta = [m for m in masked if isinstance(m, MaskedUpdate)]
-    if not meta:
-        return  # plain dicts carry no sender information: nothing to check
-    parts = meta[0].participants
-    if any(m.participants != parts or m.round_seed != meta[0].round_seed for m in meta):
-        raise ValueError("secure aggregation: masked updates come from different rounds/participant sets")
-    if any(m.frac_bits != frac_bits for m in meta):
-        raise ValueError(f"secure aggregation: updates were encoded with frac_bits != {frac_bits}")
-    users = [m.user for m in meta]
-    if len(set(users)) != len(users):
-        raise ValueError(f"secure aggregation: duplicate masked updates from users {users}")
-    missing = sorted(set(parts) - set(users))
-    if missing:
-        raise RuntimeError(
-            f"secure aggregation: participants {missing} of {list(parts)} did not send their masked "
-            "update; their pairwise masks do not cancel and dropout recovery is not implemented, "
-            "so this round's sum cannot be unmasked")
-
-
-def unmask_sum(masked: list[Update], frac_bits: int, dtype: torch.dtype = torch.float32) -> Update:
-    """Sum the masked updates in Z/2^64 (masks cancel) and decode the fixed-point sum to
-    ``dtype`` (every tensor, integer buffers included). Error ≤ n_users·2^-(frac_bits+1)."""
-    if not masked:
-        raise ValueError("secure aggregation: no masked updates to sum")
-    _check_complete(masked, frac_bits)
-    out = {}
-    for k in sorted(masked[0]):
-        acc = np.zeros(masked[0][k].numel(), dtype=np.uint64)
-        for m in masked:
-            acc += m[k].reshape(-1).cpu().numpy().view(np.uint64)
-        total = torch.from_numpy(acc.view(np.int64).astype(np.float64) / 2.0**frac_bits)
-        out[k] = total.reshape(masked[0][k].shape).to(dtype)
-    return out
-
-
-def masked_bits(update: Update) -> int:
-    """Uplink bits of a masked update: 64 per entry (ring elements are uniform: incompressible,
-    and sparsity is lost, so sparse codecs give no saving under masking)."""
-    return 64 * sum(v.numel() for v in update.values())
-
-
-def secure_aggregate(updates: dict[int, Update], round_seed: int, frac_bits: int = 24,
-                     weights: dict[int, float] | None = None,
-                     dtype: torch.dtype = torch.float32) -> Update:
-    """Simulate one round: each user pre-multiplies by its weight, masks; the BS unmasks the sum.
-
-    With ``weights`` = {k: N_k/ΣN} the result is the weighted average Σ_k w_k Δ_k.
-    """
-    users = sorted(updates)
-    masked = []
-    for k in users:
-        w = 1.0 if weights is None else float(weights[k])
-        upd = {n: t.detach().double() * w for n, t in updates[k].items()}
-        masked.append(mask_update(upd, k, users, round_seed, frac_bits))
-    return unmask_sum(masked, frac_bits, dtype)

@@ -9,11 +9,13 @@ Round t at the base station:
 Regrown positions are given a small random value (the kept layer's smallest magnitude, random
 sign) instead of an exact 0, so the support of the broadcast model *is* the mask and users
 recover it from the payload without a separate bitmap ("add weights randomly", Algorithm 2).
-Privacy options (off by default): (eps, delta)-DP on clipped student updates and pairwise-masked
-secure aggregation (see semfl.methods.psfl.privacy for the threat model).
+Privacy options (off by default): (eps, delta)-DP on clipped student updates (semfl.methods.psfl.privacy) and
+secure aggregation with X25519 key agreement and dropout recovery (semfl.protocol.secagg); threat
+models in docs/security.md.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,14 +25,17 @@ from semfl.methods.psfl import agp as pruning
 from semfl.wireless.codecs import Payload
 from semfl.config import ConfigError, option, register_table
 from semfl.methods.foundation import foundation_weights, start_from_foundation
+from semfl.methods.aggregation import Aggregator
 from semfl.protocol.method import Method, register_method
 from semfl.methods.common import build_semantic_model, finish_semantic, train_snr
 from semfl.objective import Objective
 from semfl.methods.psfl.pld import pld_train
-from semfl.methods.psfl.privacy import DPConfig, PrivacyAccountant, mask_update, privatize, unmask_sum
+from semfl.methods.psfl.privacy import DPConfig, PrivacyAccountant, privatize
+from semfl.protocol import secagg
+from semfl.protocol.secagg_round import masked_reply, secure_sum, split_request
 from semfl.protocol import seeding
 from semfl.protocol.context import UserContext
-from semfl.training import RunningAverage, evaluate_semantic, load_weights, weights_of
+from semfl.training import evaluate_semantic, load_weights, weights_of
 
 MENTORS = ("gsc-m", "gsc-l", "gsc-h")
 
@@ -55,8 +60,10 @@ class PSFLOptions:
     dp_clip_norm: float = option(1.0, "L2 clipping norm of a user's update under psfl.dp")
     dp_noise_multiplier: float = option(1.0, "Gaussian noise std / clip norm (z) under psfl.dp")
     dp_delta: float = option(1e-5, "delta of the reported (epsilon, delta)-DP guarantee")
-    secure_aggregation: bool = option(False, "pairwise additive masks so the base station sees only the sum of updates")
+    dp_noise_source: str = option("seed", "seed: DP noise drawn from the run's seed (reproducible; whoever holds the config and seed, e.g. the base station, can recompute and subtract it); os: from the operating system's randomness (docs/security.md)")
+    secure_aggregation: bool = option(False, "SecAgg (X25519 pairwise masks, self-masks, Shamir-shared secrets): the base station sees only the sum of updates (docs/security.md)")
     secagg_frac_bits: int = option(24, "fixed-point fraction bits of the masked updates (64-bit ring)")
+    secagg_threshold: float = option(0.6, "t = max(2, ceil(secagg_threshold * n)) of the n participants must survive to unmask")
 
     def validate(self, cfg) -> None:
         if self.mentor_rule not in ("rank", "thresholds"):
@@ -72,6 +79,15 @@ class PSFLOptions:
             raise ConfigError(f"psfl.prune_scope: expected 'global' or 'layer', got {self.prune_scope!r}")
         if len(self.mentor_thresholds) != 2 or self.mentor_thresholds[0] > self.mentor_thresholds[1]:
             raise ConfigError("psfl.mentor_thresholds: expected two increasing sizes [M/L, L/H]")
+        if self.dp_noise_source not in ("seed", "os"):
+            raise ConfigError(f"psfl.dp_noise_source: expected 'seed' or 'os', got {self.dp_noise_source!r}")
+        if not 0 < self.secagg_threshold <= 1:
+            raise ConfigError(f"psfl.secagg_threshold: must be in (0, 1], got {self.secagg_threshold}")
+        if not 1 <= self.secagg_frac_bits <= 52:
+            raise ConfigError(f"psfl.secagg_frac_bits: must be in [1, 52], got {self.secagg_frac_bits}")
+        if self.secure_aggregation and cfg.table("aggregation").rule != "mean":
+            raise ConfigError(f"aggregation.rule: {cfg.table('aggregation').rule!r} needs each user's update, but "
+                              "psfl.secure_aggregation shows the base station only their sum: use 'mean'")
         if self.dp and (self.dp_clip_norm <= 0 or self.dp_noise_multiplier <= 0):
             raise ConfigError("psfl.dp_clip_norm / psfl.dp_noise_multiplier: must be > 0 when psfl.dp is on")
 
@@ -148,8 +164,23 @@ class PSFL(Method):
         return Objective(o.ce_weight, cfg.train.optimizer, cfg.train.lr, extra)
 
     # ---------------------------------------------------------------- users
+
     def handlers(self):
-        return {"train": self.user_train}
+        handlers = {"train": self.user_train}
+        if self.options.secure_aggregation:
+            handlers.update({secagg.KEYS: self.user_secagg_keys, secagg.SHARES: self.user_secagg_shares,
+                             secagg.UNMASK: self.user_secagg_unmask})
+        return handlers
+
+    def user_secagg_keys(self, ctx: UserContext, payload: Payload) -> Payload:
+        return Payload(secagg.user_keys(ctx.state), codec="dense")
+
+    def user_secagg_shares(self, ctx: UserContext, payload: Payload) -> Payload:
+        return Payload(secagg.user_shares(ctx.state, ctx.user, payload.tensors, payload.meta["t"]), codec="dense")
+
+    def user_secagg_unmask(self, ctx: UserContext, payload: Payload) -> Payload:
+        return Payload(secagg.user_unmask(ctx.state, ctx.user, payload.meta["survivors"], payload.meta["dropped"]),
+                       codec="dense")
 
     def mentor_model(self, arch: str) -> torch.nn.Module:
         if arch not in self._mentors:
@@ -176,8 +207,9 @@ class PSFL(Method):
             ctx.state["mentor"] = self._init_mentor(ctx, arch)
         mentor = self.mentor_model(arch)
         load_weights(mentor, ctx.state["mentor"])
-        load_weights(self.student, payload.tensors)
-        masks = {k: (v != 0).to(v.dtype) for k, v in payload.tensors.items() if pruning.prunable(k, v)} \
+        weights, _ = split_request(payload)  # without the secure-aggregation shares it may carry
+        load_weights(self.student, weights)
+        masks = {k: (v != 0).to(v.dtype) for k, v in weights.items() if pruning.prunable(k, v)} \
             if payload.meta.get("pruned") else None
         stats = pld_train(mentor, self.student, ctx.x, ctx.y, self.cfg.train, train_snr(self.cfg, ctx),
                           self.run.classifier, ctx.generator("batches"), student_masks=masks,
@@ -201,22 +233,30 @@ class PSFL(Method):
                 meta[f"{role}_loss"], meta[f"{role}_accuracy"] = result["loss"], result["accuracy"]
                 meta[f"{role}_psnr_db"] = result["psnr_db"]
         trained = weights_of(self.student)
-        update = {k: trained[k] - payload.tensors[k] for k in payload.tensors}
-        return self._upload(ctx, update, masks, meta, payload.meta)
+        update = {k: trained[k] - weights[k] for k in weights}
+        return self._upload(ctx, update, masks, meta, payload)
 
-    def _upload(self, ctx: UserContext, update, masks, meta, request_meta) -> Payload:
+    def _upload(self, ctx: UserContext, update, masks, meta, request: Payload) -> Payload:
         o = self.options
         if o.dp:
             dp = DPConfig(enabled=True, clip_norm=o.dp_clip_norm, noise_multiplier=o.dp_noise_multiplier, delta=o.dp_delta)
-            update, _ = privatize(update, dp, len(self.run.parts), ctx.generator("dp"))
+            generator = ctx.generator("dp") if o.dp_noise_source == "seed" else \
+                torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+            update, _ = privatize(update, dp, len(self.run.parts), generator)
             update = pruning.apply(update, masks)  # the mask is public: noise off the support carries nothing
-        if o.secure_aggregation:  # the request names the round's participants and their data total
-            participants = [int(u) for u in request_meta["participants"]]
-            scaled = {k: v * (ctx.num_samples / request_meta["participant_samples"]) for k, v in update.items()}
-            masked = mask_update(scaled, ctx.user, participants, seeding.derive_seed(self.cfg.seed, ctx.round, "secagg"),
-                                 o.secagg_frac_bits)
-            return Payload(masked, codec="dense", meta=meta)  # a MaskedUpdate: a dict that knows its round  # int64 ring elements: 64 bits each
+        if o.secure_aggregation:  # weighted by N_u / ΣN, fixed point, masked: protocol.secagg
+            return masked_reply(ctx.state, ctx.user, request, update, ctx.num_samples, o.secagg_frac_bits, meta)
         return Payload(update, codec="sparse", meta=meta)
+
+    def expected_reply(self, kind: str) -> dict[str, torch.Tensor] | None:
+        """A train reply is the student update: one float tensor per global weight (under secure
+        aggregation, one int64 tensor of masked ring elements); key replies are two X25519 keys."""
+        if kind == secagg.KEYS:
+            return {name: torch.empty(32, dtype=torch.uint8, device="meta") for name in ("c_pk", "s_pk")}
+        if kind != "train":
+            return None  # the other protocol replies are checked by protocol.secagg_round
+        dtype = (lambda v: torch.int64) if self.options.secure_aggregation else (lambda v: v.dtype)
+        return {k: torch.empty(v.shape, dtype=dtype(v), device="meta") for k, v in self.global_weights.items()}
 
     # --------------------------------------------------------- base station
     def _prune(self, round_: int) -> dict[str, Any]:
@@ -245,31 +285,30 @@ class PSFL(Method):
         info = self._prune(round_)
         due = self.cfg.evaluates(round_)
         meta = {"pruned": bool(self.options.agp), "evaluate": due}
-        if self.options.secure_aggregation:
-            meta.update(participants=list(users), participant_samples=sum(self.run.user_sizes[u] for u in users))
         request = Payload(self.global_weights, codec="sparse" if self.options.agp else "dense", meta=meta)
-        average = RunningAverage()
-        masked_updates = []
+        average = Aggregator(self.cfg.table("aggregation"))  # replies are updates: no reference
         self.user_rows = {}
 
         def collect(user: int, reply: Payload) -> None:
-            if self.options.secure_aggregation:
-                masked_updates.append(reply.tensors)
-            else:
+            if not self.options.secure_aggregation:
                 average.add(reply.tensors, reply.meta["num_samples"])
             self.user_rows[user] = {"user": user, "mentor": self.mentor_of[user],
                                     **{k: v for k, v in reply.meta.items() if k != "num_samples"}}
 
-        self.transport.send(users, "train", request, on_reply=collect)
         if self.options.secure_aggregation:
-            mean_update = unmask_sum(masked_updates, self.options.secagg_frac_bits)
+            o = self.options
+            mean_update, secure = secure_sum(self.transport, users, request, self.global_weights, self.run.user_sizes,
+                                             o.secagg_threshold, o.secagg_frac_bits, self.run.log, on_reply=collect)
+            info.update(secure)
         else:
+            self.transport.send(users, "train", request, on_reply=collect)
             mean_update = average.result(self.global_weights)
-        self.global_weights = {k: self.global_weights[k] + mean_update[k].to(self.global_weights[k].dtype)
-                               for k in self.global_weights}
+        if mean_update is not None:  # None: a secure-aggregation round skipped (logged); the model stays
+            self.global_weights = {k: self.global_weights[k] + mean_update[k].to(self.global_weights[k].dtype)
+                                   for k in self.global_weights}
         if self.masks is not None:
             self.global_weights = pruning.apply(self.global_weights, self.masks)
-        if self.accountant is not None:
+        if self.accountant is not None:  # a skipped round is counted too (conservative)
             self.accountant.step()
             info["epsilon"] = self.accountant.epsilon()
         info["user_rows"] = list(self.user_rows.values())

@@ -51,7 +51,8 @@ class FlowerTransport(LinkCharging):
             fresh = [n for n in self.grid.get_node_ids() if n not in node_of.values()]
             if fresh:
                 messages = [self._message(Payload(), {"kind": HELLO}, node, HELLO) for node in fresh]
-                for reply in self.grid.send_and_receive(messages, timeout=30):
+                # wait up to the connect deadline: re-sending sooner piles up ClientApp processes on a loaded host
+                for reply in self.grid.send_and_receive(messages, timeout=max(30.0, deadline - time.monotonic())):
                     if reply.has_error():
                         continue
                     user = record_to_payload(reply.content)[1]["user"]
@@ -110,7 +111,7 @@ class FlowerTransport(LinkCharging):
             self.log(f"flower: round {self.round}: no {kind!r} reply from users {missing}; going on without them")
         kept: dict[int, Payload] = {}
         for user in sorted(replies):  # user order, as on the local transport
-            self._uplink(user, replies[user], kept, on_reply)
+            self._uplink(user, replies[user], kept, on_reply, kind)
         return kept
 
     def fetch_state(self, user: int, keys: Iterable[str]) -> dict[str, Any] | None:
@@ -124,7 +125,7 @@ class FlowerTransport(LinkCharging):
         return unflatten_state(replies[user].tensors)
 
     def round_info(self, round_: int) -> dict[str, Any]:
-        info = {"missing_users": sorted(set(self.missing.get(round_, [])))}
+        info = {"missing_users": sorted(set(self.missing.get(round_, []))), **self.rejected_info(round_)}
         if self.errors.get(round_):
             info["node_errors"] = list(self.errors[round_])
         return info

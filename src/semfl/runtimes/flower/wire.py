@@ -53,29 +53,17 @@ def _json_default(value: Any) -> Any:
 def payload_to_record(payload: Payload, header: dict[str, Any]):
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-    from semfl.methods.psfl.privacy import MaskedUpdate
-
     tensors = {k: v.detach().cpu().contiguous() for k, v in payload.tensors.items()}
-    masked = ""
-    if isinstance(payload.tensors, MaskedUpdate):
-        t = payload.tensors
-        masked = json.dumps({"user": t.user, "participants": list(t.participants), "round_seed": t.round_seed,
-                             "frac_bits": t.frac_bits})
     body = ConfigRecord({"codec": payload.codec, "codecs": json.dumps(payload.codecs),
-                         "meta": json.dumps(payload.meta, default=_json_default), "masked": masked})
+                         "meta": json.dumps(payload.meta, default=_json_default)})
     head = ConfigRecord({"json": json.dumps(header, default=_json_default)})
     return RecordDict({"tensors": ArrayRecord(torch_state_dict=tensors), "payload": body, "header": head})
 
 
 def record_to_payload(record) -> tuple[Payload, dict[str, Any]]:
-    from semfl.methods.psfl.privacy import MaskedUpdate
-
     header = json.loads(record.config_records["header"]["json"])
     body = record.config_records["payload"]
     tensors: dict[str, torch.Tensor] = dict(record.array_records["tensors"].to_torch_state_dict())
-    if body["masked"]:
-        m = json.loads(body["masked"])
-        tensors = MaskedUpdate(tensors, m["user"], tuple(m["participants"]), m["round_seed"], m["frac_bits"])
     return Payload(tensors, codec=body["codec"], meta=json.loads(body["meta"]),
                    codecs=json.loads(body["codecs"])), header
 
