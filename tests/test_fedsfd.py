@@ -125,7 +125,8 @@ def test_skbs_and_fedsfd_follow_fedsfrs_learning_rate_schedule(base, monkeypatch
     # user: distillation, then local training; base station: its middle
     assert seen == pytest.approx([0.008 * 0.5, 0.02 * 0.5, 0.004 * 0.5])
     cfg, run, user_data, transport, method = local_method(SKBS, [o.replace("method=fedsfd", "method=skbs")
-                                                                 for o in overrides] + schedule)
+                                                                 for o in overrides + schedule
+                                                                 if not o.startswith("fedsfd.")])
     transport.round = 5
     seen.clear()
     transport.send([0], "train", Payload(method.global_weights, codec="dense"))

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from semfl.protocol.transport import TransportBase
+
 from semfl.methods import foundation
 from semfl.config import ConfigError, load_config
 from semfl.methods.common import build_semantic_model
@@ -84,7 +86,7 @@ def test_psfl_mentors_start_from_the_foundation(tiny_run):
 
     cfg, run, _ = tiny_run
     foundation._MEMO.clear()
-    method = PSFL(run, transport=None)
+    method = PSFL(run, transport=TransportBase())
 
     class Ctx:  # the parts of a UserContext that mentor initialisation reads
         user, x = 0, run.data.train_x[:8]
@@ -103,11 +105,11 @@ def test_global_model_from_the_foundation_only_when_asked(fmnist_root, tmp_path)
     cfg = load_config(None, overrides + ["foundation.global_model=true"])
     run, _ = build_context(cfg, None, log=lambda m: None)
     foundation._MEMO.clear()
-    pretrained = FedAvg(run, transport=None).global_weights
+    pretrained = FedAvg(run, transport=TransportBase()).global_weights
     expected = foundation.foundation_weights(run, "gsc-m", lambda: build_semantic_model(run, "gsc-m"))
     assert all(torch.equal(pretrained[k], expected[k]) for k in expected)
     run.cfg = load_config(None, overrides)  # samples set, global_model off: a random start, as before
-    scratch = FedAvg(run, transport=None).global_weights
+    scratch = FedAvg(run, transport=TransportBase()).global_weights
     assert not all(torch.equal(scratch[k], expected[k]) for k in expected)
 
 

@@ -142,11 +142,10 @@ class LogConfig:
     """What a run records besides its run directory's files (experiment trackers are optional
     dependencies: ``pip install semfl[tracking]``)."""
 
-    tensorboard: bool = False  # every metrics row as TensorBoard scalars under <run>/tensorboard
-    mlflow_uri: str = ""  # an MLflow tracking URI (file:/path, sqlite:///file.db, http://server); "" = off
-    mlflow_experiment: str = "semfl"
-    # also keep the checkpoint of every N-th round in checkpoint/round-<t>/ (semfl.load(round=t)); 0 = last only
-    checkpoint_every: int = 0
+    tensorboard: bool = option(False, "every metrics row as TensorBoard scalars under <run>/tensorboard")
+    mlflow_uri: str = option("", "an MLflow tracking URI (file:/path, sqlite:///file.db, http://server); \"\" = off")
+    mlflow_experiment: str = option("semfl", "MLflow experiment name")
+    checkpoint_every: int = option(0, "also keep the checkpoint of every N-th round in checkpoint/round-<t>/ (semfl.load(round=t)); 0 = last only")
 
 
 @dataclass
@@ -166,7 +165,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    log: LogConfig = option(factory=LogConfig, doc="experiment tracking (TensorBoard, MLflow) and kept checkpoints")
     # the tables of the method being run (Method.tables), filled by from_dict: name -> dataclass instance
     methods: dict[str, Any] = field(default_factory=dict)
 
@@ -347,6 +346,9 @@ def from_dict(raw: dict[str, Any]) -> Config:
         if name not in own and value:
             key = next(iter(value))
             readers = table_readers(name)
+            if not readers:
+                raise ConfigError(f"{name}.{key}: no method reads the table [{name}] (a method lists the "
+                                  f"tables it reads in its `tables`)")
             raise ConfigError(f"{name}.{key}: belongs to method{'s' if len(readers) > 1 else ''} "
                               f"{', '.join(readers)}, not to {cfg.method!r} (the method being run); "
                               f"remove it or set method = {readers[0]!r}")

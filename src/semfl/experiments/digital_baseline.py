@@ -102,19 +102,19 @@ def register(sub) -> None:
     for name, func, help_ in (("digital", cmd_digital, "the digital baseline's SNR sweep on a dataset"),
                               ("bench", cmd_bench, "time the digital baseline's sweep against a learned model's")):
         q = kinds.add_parser(name, help=help_)
-        q.add_argument("--dataset", default="fashion-mnist")
+        q.add_argument("--dataset", default="fashion-mnist", help="dataset whose test images are sent")
         q.add_argument("--snr", type=float, nargs="+", default=[0.0, 5.0, 10.0, 15.0, 20.0, 25.0], help="SNRs (dB)")
         q.add_argument("--design-snr", type=float, help="SNR of the fixed design (default: middle of the link range)")
         q.add_argument("--samples", type=int, default=2000, help="test images (the runs' data.test_samples)")
         q.add_argument("--scale", choices=["tiny", "cpu", "paper"], default="cpu", help="the frozen classifier's")
-        q.add_argument("--device", default="cpu")
-        q.add_argument("--out", default="runs/digital-baseline")
+        q.add_argument("--device", default="cpu", help="cpu or cuda (the LDPC decoder runs there)")
+        q.add_argument("--out", default="runs/digital-baseline", help="folder for the JSON and figure")
         q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
         q.set_defaults(func=func)
         if name == "digital":
             q.add_argument("--ratio", type=float, required=True, help="k/n: complex channel uses per source value")
-            q.add_argument("--channel", choices=["awgn", "rayleigh"], default="awgn")
-            q.add_argument("--codec", choices=["jpeg", "webp"], default="jpeg")
+            q.add_argument("--channel", choices=["awgn", "rayleigh"], default="awgn", help="channel kind")
+            q.add_argument("--codec", choices=["jpeg", "webp"], default="jpeg", help="source codec")
         else:
             q.add_argument("--arch", default="csc", help="the learned model timed beside it")
-            q.add_argument("--repeats", type=int, default=3)
+            q.add_argument("--repeats", type=int, default=3, help="repeats of each timed sweep (median reported)")

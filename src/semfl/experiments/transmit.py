@@ -152,7 +152,7 @@ def register(sub) -> None:
     p.add_argument("--channel", choices=["awgn", "rayleigh"], help="default: the run's channel")
     p.add_argument("--out", help="folder for transmit.png and transmit.json (default RUN_DIR/transmit)")
     p.add_argument("--seed", type=int, default=0, help="seed of the channel's noise")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--node-state-dir", help="a Flower deployment's node state-dir (for user models)")
     p.set_defaults(func=cmd_transmit)
 

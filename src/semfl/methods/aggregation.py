@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from semfl.config import ConfigError, register_table
+from semfl.config import ConfigError, option, register_table
 
 RULES = ("mean", "median", "trimmed_mean", "norm_bounded")
 METHODS = ("fedavg", "fedpaq", "fttq", "stc", "topk", "psfl")  # whose base station aggregates here
@@ -31,9 +31,9 @@ METHODS = ("fedavg", "fedpaq", "fttq", "stc", "topk", "psfl")  # whose base stat
 
 @dataclass
 class AggregationOptions:
-    rule: str = "mean"  # mean | median | trimmed_mean | norm_bounded
-    trim_fraction: float = 0.1  # trimmed_mean: the fraction cut at each end (rounded up to whole users)
-    norm_bound: float = 1.0  # norm_bounded: the clip norm as a multiple of the round's median update norm
+    rule: str = option("mean", "mean | median | trimmed_mean | norm_bounded (docs/security.md)")
+    trim_fraction: float = option(0.1, "trimmed_mean: the fraction cut at each end (rounded up to whole users)")
+    norm_bound: float = option(1.0, "norm_bounded: the clip norm as a multiple of the round's median update norm")
 
     def validate(self, cfg) -> None:
         if self.rule not in RULES:
