@@ -31,7 +31,7 @@ def test_empty_file_gives_defaults(tmp_path):
     assert cfg.link == LinkConfig()
     assert cfg.train == TrainConfig()
     assert cfg.to_dict() == load_config(None).to_dict()
-    assert set(cfg.methods) == {"foundation"}  # the tables FedAvg reads, with their defaults; no [psfl]
+    assert set(cfg.methods) == {"foundation", "aggregation"}  # the tables FedAvg reads, with their defaults; no [psfl]
 
 
 def test_toml_file_loads_typed_fields(tmp_path):
@@ -182,7 +182,7 @@ def test_method_tables_known_on_first_load_in_a_fresh_process():
     script = (
         "from semfl.config import load_config, _METHOD_TABLES\n"
         "cfg = load_config(None, ['method=psfl'])\n"
-        "assert set(cfg.methods) == {'psfl', 'foundation'} < set(_METHOD_TABLES), (sorted(cfg.methods), sorted(_METHOD_TABLES))\n"
+        "assert set(cfg.methods) == {'psfl', 'foundation', 'aggregation'} < set(_METHOD_TABLES), (sorted(cfg.methods), sorted(_METHOD_TABLES))\n"
         "import dataclasses\n"
         "field = dataclasses.fields(_METHOD_TABLES['psfl'])[0].name\n"
         "value = getattr(cfg.methods['psfl'], field)\n"

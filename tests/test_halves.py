@@ -51,9 +51,9 @@ def test_user_handlers_need_nothing_from_the_base_station(method, tiny_overrides
     calls: list = []
     bind = LocalTransport.bind
 
-    def recording_bind(self, handlers, on_user_done=None):
+    def recording_bind(self, handlers, *args, **kwargs):
         bind(self, {k: _record(calls, k, h) for k, h in handlers.items() if not k.endswith(":batched")},
-             on_user_done)
+             *args, **kwargs)
 
     monkeypatch.setattr(LocalTransport, "bind", recording_bind)
     Runner(cfg, tmp_path / "run", show_progress=False, log=lambda m: None).execute()

@@ -50,6 +50,7 @@ class Centralised(FedAvg):
     """All users' data pooled at the base station; one model trained there (the ceiling)."""
 
     name = "centralised"
+    tables = ("foundation",)  # nothing is aggregated
 
     def __init__(self, run, transport):
         super().__init__(run, transport)
@@ -120,6 +121,7 @@ class Local(FedAvg):
     """Each user trains alone from the initial model, no exchange (the floor)."""
 
     name = "local"
+    tables = ("foundation",)  # nothing is aggregated
 
     def __init__(self, run, transport):
         super().__init__(run, transport)

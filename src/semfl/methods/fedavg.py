@@ -17,7 +17,8 @@ from semfl.methods.common import build_semantic_model, finish_semantic, loss_row
 @register_method
 class FedAvg(Method):
     name = "fedavg"
-    tables = ("foundation",)  # foundation.global_model starts the model from a foundation
+    # foundation.global_model starts the model from a foundation; [aggregation] picks the rule of eq 10
+    tables = ("foundation", "aggregation")
 
     def __init__(self, run, transport):
         super().__init__(run, transport)

@@ -181,7 +181,7 @@ def capacity_bits(bandwidth_hz: float, slot_s: float, snr_db: float) -> int:
 @register_method
 class FedSFR(FedAvg):
     name = "fedsfr"
-    tables = FedAvg.tables + ("fedsfr",)
+    tables = ("foundation", "fedsfr")  # its own aggregation (eq 5 weights, FR), not [aggregation]'s rules
     precisions = ("fp32",)
     row_fields: tuple[str, ...] = ("budget_bits", "keep_fraction", "images")  # reply meta kept in user rows
 

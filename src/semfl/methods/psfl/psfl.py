@@ -129,7 +129,7 @@ def choose_mentors(sizes: list[int], options: PSFLOptions, user_fraction: float 
 @register_method
 class PSFL(Method):
     name = "psfl"
-    tables = ("psfl", "foundation")
+    tables = ("psfl", "foundation", "aggregation")
 
     def __init__(self, run, transport):
         super().__init__(run, transport)
