@@ -9,7 +9,7 @@ from semfl.wireless.codecs.base import META_BITS
 from semfl.config import load_config
 from semfl.methods.foundation import foundation_weights
 from semfl.methods import get_method
-from semfl.methods.bounds import Centralised, Local, pooled_train
+from semfl.methods.bounds import Centralised, Local
 from semfl.methods.common import build_semantic_model
 from semfl.methods.fedavg import FedAvg
 from semfl.protocol import seeding
@@ -38,21 +38,26 @@ def test_centralised_uploads_each_users_pixels_once_and_trains_on_the_pool(overr
     assert info["uploads"] == 0 and all(r["uplink_bits"] == 0 for r in run.link.drain(2))
 
 
-def test_pooled_training_is_a_users_local_training_when_every_sample_has_one_snr(overrides):
+def test_local_training_with_one_snr_per_sample_equals_one_snr_for_all_and_uses_each(overrides):
+    """The pooled (centralised) training passes each sample's owner SNR: with every sample at 12 dB it
+    is a user's local training at 12 dB; with other SNRs the model sees them."""
     cfg = load_config(None, overrides + ["train.optimizer=adam", "train.lr=0.002"])
     from semfl.runtimes.run import build_context
 
     run, user_data = build_context(cfg, None, log=lambda m: None)
     x, y = user_data[0]
-    a, b = build_semantic_model(run, "csc"), build_semantic_model(run, "csc")
-    load_weights(b, weights_of(a))
-    seeding.enter(7)
-    loss_a = pooled_train(a, x, y, torch.full((len(x),), 12.0), cfg.train, run.classifier, torch.Generator().manual_seed(3))
-    seeding.enter(7)  # the same channel noise
-    loss_b = local_train(b, x, y, cfg.train, 12.0, run.classifier, torch.Generator().manual_seed(3))
-    assert loss_a == pytest.approx(loss_b, rel=1e-6)
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+    models = [build_semantic_model(run, "csc") for _ in range(3)]
+    for m in models[1:]:
+        load_weights(m, weights_of(models[0]))
+    per_sample = (torch.full((len(x),), 12.0), 12.0, torch.linspace(0.0, 25.0, len(x)))
+    losses = []
+    for model, snr in zip(models, per_sample):
+        seeding.enter(7)  # the same channel noise
+        losses.append(local_train(model, x, y, cfg.train, snr, run.classifier, torch.Generator().manual_seed(3)))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
         assert torch.allclose(p, q, atol=1e-6), name
+    assert losses[2] != pytest.approx(losses[1], rel=1e-4)
 
 
 def test_local_users_train_alone_from_the_initial_model_and_keep_their_own(overrides):

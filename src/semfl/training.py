@@ -62,10 +62,13 @@ def snr_tensor(snr_db: float, batch: int, device: torch.device) -> torch.Tensor:
     return torch.full((batch,), float(snr_db), device=device)
 
 
-def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, snr_db: float,
-                classifier: nn.Module, generator: torch.Generator,
+def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+                snr_db: float | torch.Tensor, classifier: nn.Module, generator: torch.Generator,
                 masks: dict[str, torch.Tensor] | None = None) -> float:
     """Local epochs of SGD on (x, y) at the given channel SNR; returns the mean training loss.
+
+    ``snr_db`` is one SNR for every sample, or a tensor with one SNR per sample of ``x`` (pooled
+    data, each sample at its owner's SNR).
 
     With `masks` (parameter name -> 0/1 tensor), masked weights are held at zero after every
     step, so a pruned model stays pruned and its update is sparse with the same support.
@@ -78,7 +81,8 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
         for idx in batches(len(x), cfg.batch_size, generator):
             images, labels = x[idx], y[idx]
             with autocast(cfg.precision, images.device):
-                out = model(images, snr_tensor(snr_db, len(idx), images.device))
+                snr = snr_db[idx] if torch.is_tensor(snr_db) else snr_tensor(snr_db, len(idx), images.device)
+                out = model(images, snr)
                 loss, _ = reconstruction_loss(out.recon, images, labels, classifier, cfg.task_weight)
                 if out.aux is not None:
                     loss = loss + out.aux

@@ -31,8 +31,7 @@ from semfl.methods.common import train_snr
 from semfl.methods.fedavg import FedAvg
 from semfl.protocol import seeding
 from semfl.protocol.context import UserContext
-from semfl.training import (autocast, batches, clip_gradients, evaluate_semantic, load_weights, local_train,
-                            make_optimizer, reconstruction_loss, weights_of)
+from semfl.training import evaluate_semantic, load_weights, local_train, weights_of
 
 EVAL_KEYS = ("loss", "accuracy", "psnr_db", "ssim", "mse", "ce")
 
@@ -78,8 +77,8 @@ class Centralised(FedAvg):
         # the channel noise of the base station's training: its own stream, not whatever the last
         # user's handler left in the global generators (which differs with engine.workers > 1)
         seeding.enter(self.cfg.seed, round_, "centralised-train")
-        loss = pooled_train(self.model, x, y, snr, self.cfg.train, self.run.classifier,
-                            seeding.generator(self.cfg.seed, round_, "centralised"))
+        loss = local_train(self.model, x, y, self.cfg.train, snr, self.run.classifier,
+                           seeding.generator(self.cfg.seed, round_, "centralised"))
         self.global_weights = weights_of(self.model)
         return {"train_loss": loss, "pooled_samples": len(y), "uploads": len(new)}
 
@@ -93,27 +92,6 @@ class Centralised(FedAvg):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_weights = state["global_weights"]
         self.pool = {int(u): tuple(v) for u, v in state["pool"].items()}
-
-
-def pooled_train(model, x, y, snr, cfg, classifier, generator) -> float:
-    """training.local_train with one SNR per sample (each sample at its owner's SNR); mean loss."""
-    model.train()
-    optimiser = make_optimizer(model.parameters(), cfg)
-    total = 0.0
-    for _ in range(cfg.local_epochs):
-        for idx in batches(len(x), cfg.batch_size, generator):
-            images, labels = x[idx], y[idx]
-            with autocast(cfg.precision, images.device):
-                out = model(images, snr[idx])
-                loss, _ = reconstruction_loss(out.recon, images, labels, classifier, cfg.task_weight)
-                if out.aux is not None:
-                    loss = loss + out.aux
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            clip_gradients(model, cfg.grad_clip)
-            optimiser.step()
-            total += float(loss.detach()) * len(idx)
-    return total / max(len(x) * cfg.local_epochs, 1)
 
 
 @register_method
