@@ -4,7 +4,6 @@ runs (issue 21 item 4: the robust rules keep the final accuracy within 2 points 
 mean does not). From scratch, with every rule's clean run too: test_robust_runs (slow)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -78,7 +77,6 @@ def test_config_errors_name_the_field():
 def robust_run(fmnist_root, cache, out: Path, rule: str, attack: bool, overrides: list[str]) -> list[dict]:
     """One FedAvg run (9 IID users) under ``rule``; with ``attack``, user 4 sends its update x1e4.
     Its global rows, or None where the run stopped on a non-finite model (what validation does)."""
-    sys.path.insert(0, str(Path(__file__).parent))
     from poisoning import poisoned, scaled_update
     from semfl.files import read_jsonl
     from semfl.runtimes.run import Runner, RunError
