@@ -181,7 +181,7 @@ def test_tls_and_auth_keep_intruders_out_and_the_run_undisturbed(psfl_overrides,
     and stop); the authorised users' run matches the local transport. Measured: the unregistered-key
     and other-CA nodes log "Connection attempt failed" until stopped; the plain-text one is refused
     by flower-supernode itself (exit code 303: an auth key needs TLS), so it never reaches the
-    SuperLink: a plain-text client without a key is not tried here."""
+    SuperLink; plain-text clients without a key against TLS alone: the next test."""
     from semfl.runtimes.flower.deploy import free_port, make_certificates
 
     cfg = load_config(None, psfl_overrides + ["rounds=1", "engine.connect_timeout_s=900"])
@@ -212,4 +212,74 @@ def test_tls_and_auth_keep_intruders_out_and_the_run_undisturbed(psfl_overrides,
     assert sorted(logs) == ["intruder-other-ca.log", "intruder-plain-text.log", "intruder-unregistered-key.log"]
     print({name: text[-600:] for name, text in logs.items()})  # shown with -s: what each intruder was told
     assert not (out / "deploy" / "intruder-state").exists()  # no intruder ever served a message
+    assert not flower_processes(out)
+
+
+@pytest.mark.slow
+def test_tls_keeps_plain_text_clients_out_and_the_run_undisturbed(psfl_overrides, tmp_path):
+    """`semfl deploy local --tls` (no --auth: TLS alone is on trial) and three plain-text clients of
+    its SuperLink: a SuperNode started with --insecure and no key, claiming user 0 (had it connected,
+    the base station would see two nodes serving user 0 and stop the run); the `flwr` CLI with
+    `insecure = true`; and a bare HTTP request. None gets through, while the same CLI and request over
+    TLS with the deployment's CA do (the controls), and the authorised users' run matches the local
+    transport. Measured: the SuperNode logs "Connection attempt failed" until stopped, the CLI says
+    "Connection to the SuperLink is unavailable", the HTTP request is cut off without a response
+    (RemoteDisconnected), and the SuperLink's access log has no line for any of them."""
+    import ssl
+    import urllib.error
+    import urllib.request
+    from http.client import HTTPException
+
+    from semfl.runtimes.flower.deploy import free_port
+
+    cfg = load_config(None, psfl_overrides + ["rounds=1", "engine.connect_timeout_s=900"])
+    Runner(cfg, tmp_path / "local", show_progress=False, log=lambda m: None).execute()
+    out = tmp_path / "deployed"
+    probes: dict[str, object] = {}
+
+    def request(url: str, context=None):
+        try:
+            with urllib.request.urlopen(url, timeout=30, context=context) as reply:
+                return reply.status
+        except urllib.error.HTTPError as error:  # an HTTP answer: the request got through
+            return error.code
+        except (HTTPException, OSError) as error:
+            return f"{type(error).__name__}: {error}"
+
+    class WithPlainTextClients(LocalDeployment):
+        def start_supernodes(self, port: int) -> None:
+            super().start_supernodes(port)
+            self.start("intruder-plain-text", [
+                str(self.bin / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
+                "--isolation", "subprocess", "--insecure",
+                "--node-config", f'user=0 state-dir="{self.work / "intruder-state"}"'])
+            home = self.work / "flwr-home-plain-text"
+            home.mkdir()
+            (home / "config.toml").write_text(f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n'
+                                              f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+            plain = subprocess.run([str(self.bin / "flwr"), "ls", "--format", "json"], capture_output=True, text=True,
+                                   env=dict(self.env, FLWR_HOME=str(home)), cwd=self.work, timeout=120)
+            probes["cli plain"] = plain.stdout + plain.stderr
+            tls = self.flwr("ls", "--format", "json", timeout=120)
+            probes["cli tls"] = tls.stdout + tls.stderr
+            probes["http plain"] = request(f"http://127.0.0.1:{port}/")
+            ca = ssl.create_default_context(cafile=str(self.work / "certs" / "ca.crt"))
+            probes["http tls"] = request(f"https://127.0.0.1:{port}/", ca)
+            time.sleep(5)  # give the plain-text SuperNode time to try before the run discovers its nodes
+
+    WithPlainTextClients(cfg, out, tls=True, timeout_s=1500, log=lambda m: None).execute()
+    print(probes)  # shown with -s
+    local, deployed = read_jsonl(tmp_path / "local" / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
+    assert_same_metrics(local, deployed)
+    logs = out / "deploy" / "logs"
+    node_log = (logs / "intruder-plain-text.log").read_text(errors="replace")
+    assert "Starting insecure channel" in node_log and "Connection attempt failed" in node_log, node_log[-2000:]
+    assert not (out / "deploy" / "intruder-state").exists()  # it never served a message
+    assert '"success": false' in probes["cli plain"] and "unavailable" in probes["cli plain"], probes["cli plain"]
+    assert '"success": true' in probes["cli tls"], probes["cli tls"]  # the control: over TLS the same CLI gets in
+    assert isinstance(probes["http plain"], str), probes["http plain"]  # a connection error, not an HTTP status
+    assert probes["http tls"] == 404, probes["http tls"]  # the control: over TLS the request reaches the app
+    access = [line for line in (logs / "superlink.log").read_text(errors="replace").splitlines() if "uvicorn.access" in line]
+    assert any('"GET / HTTP/1.1" 404' in line for line in access)  # the TLS request, and only it, is logged
+    assert sum('"GET / HTTP/1.1"' in line for line in access) == 1, access
     assert not flower_processes(out)
