@@ -166,6 +166,9 @@ def test_a_runs_snr_sweep_carries_the_baseline_at_the_models_ratio(tiny_override
     assert adapted["channel_uses"] == [98, 98]  # the tiny CSC's own 98 symbols for 784 pixels (k/n = 1/8)
     assert adapted["lost"][0] == 1.0 and adapted["psnr_db"][1] > adapted["psnr_db"][0]
     assert set(models["fedavg"]) >= {"psnr_db", "accuracy", "ssim"} and set(adapted) >= {"psnr_db", "accuracy", "ssim"}
+    report = (run_dir / "report.html").read_text()
+    table = report[report.index("<h2>SNR sweep"):]
+    assert all(label in table for label in models)  # the report's sweep table has every curve
 
 
 def test_cli_names_a_bad_ratio(capsys):
