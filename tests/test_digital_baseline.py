@@ -166,6 +166,9 @@ def test_a_runs_snr_sweep_carries_the_baseline_at_the_models_ratio(tiny_override
     assert adapted["channel_uses"] == [98, 98]  # the tiny CSC's own 98 symbols for 784 pixels (k/n = 1/8)
     assert adapted["lost"][0] == 1.0 and adapted["psnr_db"][1] > adapted["psnr_db"][0]
     assert set(models["fedavg"]) >= {"psnr_db", "accuracy", "ssim"} and set(adapted) >= {"psnr_db", "accuracy", "ssim"}
+    report = (run_dir / "report.html").read_text()
+    table = report[report.index("<h2>SNR sweep"):]
+    assert all(label in table for label in models)  # the report's sweep table has every curve
 
 
 def test_cli_names_a_bad_ratio(capsys):
@@ -173,3 +176,62 @@ def test_cli_names_a_bad_ratio(capsys):
 
     assert main(["baseline", "digital", "--ratio", "0"]) == 2
     assert "--ratio: must be > 0" in capsys.readouterr().err
+
+
+def test_fast_decoder_and_demapper_are_bitwise_sionnas():
+    """The faster decoder and demapper (semfl.wireless.sionna_fast) give Sionna's exact outputs,
+    and resuming the decoder from its state equals decoding with all iterations at once."""
+    from sionna.phy.fec.ldpc import LDPC5GDecoder, LDPC5GEncoder
+    from sionna.phy.mapping import Demapper
+
+    from semfl.wireless.sionna_fast import FastLDPC5GDecoder, demap_maxlog
+
+    g = torch.Generator().manual_seed(0)
+    for k, n, m in ((60, 196, 2), (294, 392, 4)):
+        enc = LDPC5GEncoder(k, n, num_bits_per_symbol=m)
+        ref = LDPC5GDecoder(enc, hard_out=True, num_iter=12, return_state=True)
+        fast = FastLDPC5GDecoder(enc, hard_out=True, num_iter=12, return_state=True)
+        c = enc(torch.randint(0, 2, (48, k), generator=g).float())
+        for sigma in (0.5, 1.2):  # converging and failing blocks
+            llr = (2 * c - 1) * 2 / sigma ** 2 + torch.randn(c.shape, generator=g) * 2 / sigma
+            (xr, sr), (xf, sf) = ref(llr), fast(llr)
+            assert torch.equal(xr, xf) and torch.equal(sr, sf)
+            x4, s4 = fast(llr, num_iter=4)
+            assert torch.equal(fast(llr, num_iter=8, msg_v2c=s4)[0], xf)
+    for m in (2, 4, 6, 8):
+        demapper = Demapper("maxlog", "qam", m)
+        y = torch.complex(torch.randn(6, 50, generator=g), torch.randn(6, 50, generator=g))
+        no = torch.rand(6, 50, generator=g) + 1e-3
+        assert torch.equal(demap_maxlog(demapper, y, no), demapper(y, no))
+
+
+def test_rows_not_needed_are_not_decoded_and_the_others_are_unchanged():
+    mcs = MCS(4, 1 / 2)
+    plan = digital.layout(98, mcs)
+    bits = torch.randint(0, 2, (30, plan.payload_bits), generator=torch.Generator().manual_seed(5)).float()
+    need = torch.arange(30) % 3 != 0
+    seed_channels(6)
+    full = digital.transmit(bits, plan, Channel("awgn"), 9.0)
+    seed_channels(6)
+    part = digital.transmit(bits, plan, Channel("awgn"), 9.0, need=need)
+    assert torch.equal(part[0][need], full[0][need]) and torch.equal(part[1][need], full[1][need])
+    assert not part[1][~need].any() and not part[0][~need].any()
+
+
+def test_cached_scores_equal_scoring_each_reconstruction_directly():
+    """quality() with the images' sources (cached SSIM and classifier verdicts) equals quality() on
+    the reconstructions alone, also the second time, when every score comes from the cache."""
+    images = smooth_images(24)
+    labels = torch.arange(24) % 10
+    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    torch.nn.init.normal_(classifier[1].weight, std=0.05, generator=torch.Generator().manual_seed(0))
+    enc = separation.EncodedSet(images)
+    for snr in (8.0, 30.0, 8.0):  # some lost (fallback) at 8 dB, none at 30 dB; then all cached
+        seed_channels(7)
+        recon, _, source = separation.send_digital(enc, 196, MCS(4, 3 / 4), Channel("awgn"), snr, images.mean(0),
+                                                   with_source=True)
+        assert separation.quality(recon, images, labels, classifier, 500, enc, source) == \
+            separation.quality(recon, images, labels, classifier)
+    recon, _, source = separation.send_at_capacity(enc, 98, Channel("awgn"), 12.0, images.mean(0), with_source=True)
+    assert separation.quality(recon, images, labels, classifier, 7, enc, source) == \
+        separation.quality(recon, images, labels, classifier)

@@ -33,6 +33,18 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
+def _sweep_table(run_dir: Path) -> str:
+    """snr_sweep.json as a table: a row per model or baseline curve, PSNR (dB) / accuracy per SNR."""
+    path = run_dir / "snr_sweep.json"
+    if not path.is_file():
+        return ""
+    sweep = json.loads(path.read_text())
+    snrs = [f"{s:g} dB" for s in sweep["snr_db"]]
+    rows = [{"model": label, **{snr: " / ".join(_fmt(v[k][i]) for k in ("psnr_db", "accuracy") if k in v)
+                                for i, snr in enumerate(snrs)}} for label, v in sweep["models"].items()]
+    return f"<h2>SNR sweep (PSNR dB / accuracy)</h2>{_table(rows, ['model'] + snrs)}"
+
+
 STYLE = """body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}
 img{max-width:100%}figure{display:inline-block;margin:.5em}table{border-collapse:collapse;font-size:12px}
 td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}.warn{color:#a00;font-weight:bold}pre{background:#f4f4f4;padding:.5em;font-size:11px}"""
@@ -63,6 +75,7 @@ def write_run_report(run_dir: Path, summary: dict | None = None) -> Path:
 <style>{STYLE}</style></head><body><h1>semfl run: {html.escape(run_dir.name)}</h1>
 {summary_html}<h2>Figures</h2>{''.join(_img(p) for p in images)}
 <h2>Global metrics per round</h2>{_table(globals_, keys)}
+{_sweep_table(run_dir)}
 <h2>Config</h2><pre>{html.escape(config)}</pre></body></html>"""
     atomic_text(run_dir / "report.html", page)
     return run_dir / "report.html"

@@ -16,7 +16,12 @@ variance ``N0 / |h|^2``, whether or not the semantic channel equalises.
 
 Decoding uses CRC-aided early termination, as real receivers do: every block is decoded with
 :data:`EARLY_ITERATIONS` BP iterations first; the blocks whose CRC then passes are done, the
-others are decoded again from scratch with the full :data:`FULL_ITERATIONS`.
+others continue from the decoder's state to :data:`FULL_ITERATIONS` in all (bitwise the same as
+decoding them again from scratch with that many). The decoder is Sionna's, with its index maps
+composed and the demapper's gathers done by ``index_select``
+(:mod:`semfl.wireless.sionna_fast`, bitwise equal). Blocks of images the caller marks as not needed
+(nothing sent) still go through the channel, so the random draws are the same, but are not demapped
+or decoded.
 """
 from __future__ import annotations
 
@@ -79,33 +84,38 @@ def layout(channel_uses: int, mcs: MCS) -> BlockLayout | None:
 @functools.lru_cache(maxsize=64)
 def _blocks(k: int, n: int, m: int, crc: str, device: str):
     from sionna.phy.fec.crc import CRCDecoder, CRCEncoder
-    from sionna.phy.fec.ldpc import LDPC5GDecoder, LDPC5GEncoder
+    from sionna.phy.fec.ldpc import LDPC5GEncoder
     from sionna.phy.mapping import Demapper, Mapper
+
+    from semfl.wireless.sionna_fast import FastLDPC5GDecoder
 
     crc_enc = CRCEncoder(crc, device=device)
     enc = LDPC5GEncoder(k, n, num_bits_per_symbol=m, device=device)
-    dec = LDPC5GDecoder(enc, hard_out=True, num_iter=FULL_ITERATIONS, device=device)
+    dec = FastLDPC5GDecoder(enc, hard_out=True, num_iter=FULL_ITERATIONS, return_state=True, device=device)
     return (crc_enc, CRCDecoder(crc_enc, device=device), enc, dec,
             Mapper("qam", m, device=device), Demapper("maxlog", "qam", m, device=device))
 
 
 def _decode(dec, crc_dec, llr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """CRC-aided early termination; returns (payload bits, CRC ok) per block."""
-    bits, ok = crc_dec(dec(llr, num_iter=EARLY_ITERATIONS))
+    early, state = dec(llr, num_iter=EARLY_ITERATIONS)
+    bits, ok = crc_dec(early)
     ok = ok.reshape(-1)
     retry = (~ok).nonzero().reshape(-1)
     if len(retry):
-        again, ok_again = crc_dec(dec(llr[retry], num_iter=FULL_ITERATIONS))
+        more, _ = dec(llr[retry], num_iter=FULL_ITERATIONS - EARLY_ITERATIONS, msg_v2c=state[retry])
+        again, ok_again = crc_dec(more)
         bits[retry], ok[retry] = again, ok_again.reshape(-1)
     return bits, ok
 
 
-def transmit(payload: torch.Tensor, plan: BlockLayout, channel: Channel, snr_db: float
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def transmit(payload: torch.Tensor, plan: BlockLayout, channel: Channel, snr_db: float,
+             need: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Send each row of ``payload`` (B, plan.payload_bits) of 0/1 over ``channel`` at ``snr_db``.
 
     Returns (received bits (B, payload_bits) float 0/1, image ok (B,) bool: all its blocks passed
-    their CRC). Randomness comes from the channel's Sionna generators (seed them to repeat).
+    their CRC). Randomness comes from the channel's Sionna generators (seed them to repeat). Rows
+    where ``need`` (B,) is False are sent but not decoded: zeros and not ok.
     """
     batch = payload.shape[0]
     if payload.shape[1] != plan.payload_bits:
@@ -113,6 +123,8 @@ def transmit(payload: torch.Tensor, plan: BlockLayout, channel: Channel, snr_db:
     device = _sionna_device(payload.device)
     m = plan.mcs.bits_per_symbol
     crc = "CRC16" if plan.crc_bits == 16 else "CRC24A"
+    from semfl.wireless.sionna_fast import demap_maxlog
+
     crc_enc, crc_dec, enc, dec, mapper, demapper = _blocks(plan.info_bits, plan.coded_bits, m, crc, device)
     u = payload.to(device=device, dtype=torch.float32).reshape(batch * plan.blocks, -1)
     x = mapper(enc(crc_enc(u))).reshape(batch, plan.symbols)
@@ -124,6 +136,12 @@ def transmit(payload: torch.Tensor, plan: BlockLayout, channel: Channel, snr_db:
         gain = draw.h.conj() / (h2 + draw.noise_var) * draw.h if channel.equalize else draw.h
         y = y / gain
         no = no / h2
-    llr = demapper(y, no).reshape(batch * plan.blocks, plan.coded_bits)
-    bits, ok = _decode(dec, crc_dec, llr)
-    return bits.reshape(batch, -1).to(payload.device), ok.reshape(batch, plan.blocks).all(1).to(payload.device)
+    rows = torch.arange(batch, device=device) if need is None else need.to(device).nonzero().reshape(-1)
+    bits = torch.zeros(batch, plan.blocks, plan.info_bits - plan.crc_bits, device=device)
+    ok = torch.zeros(batch, plan.blocks, dtype=torch.bool, device=device)
+    if len(rows):
+        llr = demap_maxlog(demapper, y[rows], no[rows]).reshape(len(rows) * plan.blocks, plan.coded_bits)
+        got, got_ok = _decode(dec, crc_dec, llr)
+        bits[rows] = got.reshape(len(rows), plan.blocks, -1)
+        ok[rows] = got_ok.reshape(len(rows), plan.blocks)
+    return bits.reshape(batch, -1).to(payload.device), ok.all(1).to(payload.device)

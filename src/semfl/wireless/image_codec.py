@@ -102,21 +102,29 @@ def _split_jpeg(data: bytes) -> tuple[bytes, bytes]:
     return data[:end], data[end:-2]
 
 
+def _field(value: int, width: int) -> np.ndarray:
+    """``value`` as ``width`` bits, most significant first."""
+    return ((value >> np.arange(width - 1, -1, -1)) & 1).astype(np.uint8)
+
+
+def _value(bits: np.ndarray) -> int:
+    return int(bits.astype(np.int64) @ (1 << np.arange(len(bits) - 1, -1, -1, dtype=np.int64)))
+
+
 def to_bits(payload: bytes, quality_index: int, capacity_bits: int) -> np.ndarray:
     """The transmitted bitstream [quality index][length][payload], zero-padded to capacity_bits."""
-    header = f"{quality_index:0{QUALITY_BITS}b}{len(payload):0{length_bits(capacity_bits)}b}"
-    bits = np.concatenate([np.array([int(c) for c in header], np.uint8),
+    if stream_bits(payload, capacity_bits) > capacity_bits:
+        raise ValueError(f"{stream_bits(payload, capacity_bits)} bits do not fit the budget of {capacity_bits}")
+    bits = np.concatenate([_field(quality_index, QUALITY_BITS), _field(len(payload), length_bits(capacity_bits)),
                            np.unpackbits(np.frombuffer(payload, np.uint8))])
-    if len(bits) > capacity_bits:
-        raise ValueError(f"{len(bits)} bits do not fit the budget of {capacity_bits}")
     return np.pad(bits, (0, capacity_bits - len(bits)))
 
 
 def from_bits(bits: np.ndarray, capacity_bits: int) -> tuple[int, bytes]:
     """Inverse of :func:`to_bits`: (quality index, payload)."""
     lb = length_bits(capacity_bits)
-    q = int("".join(map(str, bits[:QUALITY_BITS])), 2)
-    n = int("".join(map(str, bits[QUALITY_BITS:QUALITY_BITS + lb])), 2)
+    q = _value(bits[:QUALITY_BITS])
+    n = _value(bits[QUALITY_BITS:QUALITY_BITS + lb])
     start = QUALITY_BITS + lb
     if q >= len(QUALITIES) or start + 8 * n > len(bits):
         raise ValueError("corrupt header")
