@@ -57,10 +57,11 @@ def shared_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_overrides(fmnist_root, shared_cache) -> list[str]:
-    """--set overrides for a seconds-long run on the fixture data."""
+    """--set overrides for a seconds-long run on the fixture data (no figures: tests that check them
+    add ``log.figures=true``)."""
     return [f"data.root={fmnist_root}", f"classifier.cache_dir={shared_cache}", "scale=tiny", "users=3",
             "rounds=3", "data.download=false", "data.test_samples=100", "eval.grid_images=4",
-            "eval.snr_sweep=[0.0, 10.0]", "train.lr=0.05", "classifier.epochs=3"]
+            "eval.snr_sweep=[0.0, 10.0]", "train.lr=0.05", "classifier.epochs=3", "log.figures=false"]
 
 
 # methods that need a model family other than the default (csc) in the tests that run every method
@@ -78,7 +79,7 @@ def vq_overrides(fmnist_root, cache_dir, method: str, users: int) -> list[str]:
     return [f"data.root={fmnist_root}", f"classifier.cache_dir={cache_dir}", "scale=tiny", "data.download=false",
             "data.test_samples=100", "classifier.epochs=1", "eval.snr_sweep=[]", f"users={users}",
             "model.arch=vq-jscc", f"method={method}", "data.partition=iid", "data.max_per_user=60",
-            "train.task_weight=0", "channel.train_snr=fixed", "channel.snr_db=20"]
+            "train.task_weight=0", "channel.train_snr=fixed", "channel.snr_db=20", "log.figures=false"]
 
 
 def record_learning_rates(monkeypatch, modules) -> list[float]:
@@ -152,7 +153,7 @@ def finished_run(fmnist_root, tmp_path_factory):
             cfg = load_config(None, [f"data.root={fmnist_root}", f"classifier.cache_dir={cache}", "scale=tiny",
                                      "users=3", "rounds=2", "data.download=false", "data.test_samples=100",
                                      "eval.grid_images=4", "eval.snr_sweep=[0.0, 10.0]", "train.lr=0.05",
-                                     "classifier.epochs=1", "data.max_per_user=60", "log.checkpoint_every=1",
+                                     "classifier.epochs=1", "data.max_per_user=60", "log.checkpoint_every=1", "log.figures=false",
                                      *method_overrides(method), *overrides])
             made[key] = Runner(cfg, out, show_progress=False, log=lambda m: None).execute()
         return made[key]

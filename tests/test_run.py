@@ -27,7 +27,7 @@ def run(overrides: list[str], out: Path, resume: bool = False) -> list[dict]:
 
 def test_run_directory_and_metrics_contract(tiny_overrides, tmp_path):
     out = tmp_path / "run"
-    rows = run(tiny_overrides + ["rounds=4"], out)
+    rows = run(tiny_overrides + ["rounds=4", "log.figures=true"], out)
     for name in ("config.toml", "metrics.jsonl", "partition.json", "checkpoint/state.pt", "report.html",
                  "figures/global_metrics.png", "figures/link_per_round.png", "figures/reconstructions.png",
                  "figures/snr_sweep.png", "figures/partition.png"):
@@ -45,6 +45,12 @@ def test_run_directory_and_metrics_contract(tiny_overrides, tmp_path):
     partition = json.loads((out / "partition.json").read_text())
     assert sum(map(sum, partition["class_histogram"])) == sum(partition["sizes"])
     assert "<img" in (out / "report.html").read_text()
+    # log.figures = false: the same metrics and report tables, no figure drawn
+    bare = tmp_path / "bare"
+    assert stable(run(tiny_overrides + ["rounds=4", "log.figures=false"], bare)) == stable(rows)
+    assert not (bare / "figures").exists() or not list((bare / "figures").glob("*.png"))
+    report = (bare / "report.html").read_text()
+    assert "<img" not in report and "not drawn (log.figures = false)" in report and "Global metrics per round" in report
 
 
 def test_fedavg_improves(tiny_overrides, tmp_path):

@@ -26,7 +26,7 @@ def test_scalars_name_rows_by_scope():
 def test_tensorboard_events_hold_every_metrics_row(tiny_overrides, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir = tiny_run(tiny_overrides, tmp_path / "run", ["log.tensorboard=true"])
+    run_dir = tiny_run(tiny_overrides, tmp_path / "run", ["log.tensorboard=true", "log.figures=true"])
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     rows = read_jsonl(run_dir / "metrics.jsonl")
@@ -49,7 +49,8 @@ def test_mlflow_run_holds_params_metrics_and_artefacts(tiny_overrides, tmp_path,
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}" if store == "sqlite" else (tmp_path / "mlruns").as_uri()
-    run_dir = tiny_run(tiny_overrides, tmp_path / "run", [f"log.mlflow_uri={uri}", "log.mlflow_experiment=tests"])
+    run_dir = tiny_run(tiny_overrides, tmp_path / "run", [f"log.mlflow_uri={uri}", "log.mlflow_experiment=tests",
+                                                                "log.figures=true"])
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "run"

@@ -145,6 +145,7 @@ class LogConfig:
     tensorboard: bool = option(False, "every metrics row as TensorBoard scalars under <run>/tensorboard")
     mlflow_uri: str = option("", "an MLflow tracking URI (file:/path, sqlite:///file.db, http://server); \"\" = off")
     mlflow_experiment: str = option("semfl", "MLflow experiment name")
+    figures: bool = option(True, "draw figures/*.png and the report's plots at the end of the run; false keeps metrics, summary and report tables (for sweeps of many runs, and tests)")
     checkpoint_every: int = option(0, "also keep the checkpoint of every N-th round in checkpoint/round-<t>/ (semfl.load(round=t)); 0 = last only")
 
 

@@ -1,7 +1,9 @@
 """Matplotlib figures shared by run and sweep reports (Agg backend, PNG files)."""
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -13,7 +15,38 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def save(fig, path: Path) -> Path:
+_drawing = [True]  # log.figures of the run being finished (see drawing())
+
+
+@contextmanager
+def drawing(on: bool):
+    """Within it, ``save`` draws (True) or drops (False) figures: a run with ``log.figures = false``
+    keeps its metrics and report tables and skips the seconds of rendering."""
+    _drawing.append(bool(on))
+    try:
+        yield
+    finally:
+        _drawing.pop()
+
+
+def enabled() -> bool:
+    """Whether figures are being drawn (costly inputs of a figure, like an embedding, can be skipped)."""
+    return _drawing[-1]
+
+
+def drawn(figure_function):
+    """A figure function that returns None at once, drawing nothing, when drawing is off."""
+    @functools.wraps(figure_function)
+    def wrapper(*args, **kwargs):
+        return figure_function(*args, **kwargs) if enabled() else None
+    return wrapper
+
+
+def save(fig, path: Path) -> Path | None:
+    """Write ``fig`` as a PNG at ``path`` and close it; None (nothing written) when drawing is off."""
+    if not enabled():
+        plt.close(fig)
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -35,6 +68,7 @@ def user_mean_series(rows: list[dict], key: str) -> tuple[list[int], list[float]
     return rounds, [float(np.mean(per_round[t])) for t in rounds]
 
 
+@drawn
 def curves(rows: list[dict], keys: Sequence[str], path: Path, title: str = "") -> Path | None:
     keys = [k for k in keys if series(rows, k)[0]]
     if not keys:
@@ -51,6 +85,7 @@ def curves(rows: list[dict], keys: Sequence[str], path: Path, title: str = "") -
     return save(fig, path)
 
 
+@drawn
 def mentor_student(rows: list[dict], path: Path) -> Path | None:
     """Mean over users of mentor_* vs student_* per round (PSFL Figs 9-10)."""
     pairs = [("mentor_loss", "student_loss"), ("mentor_accuracy", "student_accuracy")]
@@ -68,6 +103,7 @@ def mentor_student(rows: list[dict], path: Path) -> Path | None:
     return save(fig, path)
 
 
+@drawn
 def link_boxes(rows: list[dict], path: Path) -> Path | None:
     """Box plots per round across users: uplink energy and bits."""
     link = [r for r in rows if r.get("scope") == "link"]
@@ -87,6 +123,7 @@ def link_boxes(rows: list[dict], path: Path) -> Path | None:
     return save(fig, path)
 
 
+@drawn
 def partition(hist: np.ndarray, path: Path) -> Path:
     hist = np.asarray(hist)
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * hist.shape[0] + 2), 3.2))
@@ -103,6 +140,7 @@ def partition(hist: np.ndarray, path: Path) -> Path:
     return save(fig, path)
 
 
+@drawn
 def image_grid(originals: torch.Tensor, rows: list[tuple[str, torch.Tensor, list[str]]], path: Path) -> Path:
     """Original images on top, then one row per model with its per-image caption (PSNR/SSIM)."""
     n = len(originals)
@@ -125,6 +163,7 @@ def image_grid(originals: torch.Tensor, rows: list[tuple[str, torch.Tensor, list
     return save(fig, path)
 
 
+@drawn
 def snr_sweep(sweep: dict[str, dict[str, list[float]]], snrs: list[float], path: Path, dashed=(), dotted=()) -> Path:
     """PSNR and accuracy against SNR per model; the labels in ``dashed`` (a model tested on another
     channel than its own) are drawn dashed, those in ``dotted`` (the digital baseline) dotted."""

@@ -73,7 +73,7 @@ def write_run_report(run_dir: Path, summary: dict | None = None) -> Path:
         summary_html = f'<p class="warn">{html.escape(str(summary.get("convergence", "not converged")))}</p>' + summary_html
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>semfl run {html.escape(run_dir.name)}</title>
 <style>{STYLE}</style></head><body><h1>semfl run: {html.escape(run_dir.name)}</h1>
-{summary_html}<h2>Figures</h2>{''.join(_img(p) for p in images)}
+{summary_html}<h2>Figures</h2>{''.join(_img(p) for p in images) if plots.enabled() else '<p>not drawn (log.figures = false)</p>'}
 <h2>Global metrics per round</h2>{_table(globals_, keys)}
 {_sweep_table(run_dir)}
 <h2>Config</h2><pre>{html.escape(config)}</pre></body></html>"""

@@ -240,15 +240,17 @@ class Runner:
                 if stop:
                     self.log(f"round {round_}: converged, stopping before rounds = {self.cfg.rounds} (eval.stop_when_converged)")
                     break
-            self.log("finishing: figures and report")
+            from semfl.report import plots, write_run_report
+
+            self.log("finishing: figures and report" if self.cfg.log.figures else "finishing: report (log.figures = false)")
             seeding.enter(self.cfg.seed, "finish")
-            summary = method.finish(self.out) or {}
+            with plots.drawing(self.cfg.log.figures):
+                summary = method.finish(self.out) or {}
         summary = {**summary, **self._objective_fields(method_cls),
                    **self._convergence(read_jsonl(self.metrics_path)).fields()}
         atomic_text(self.out / "summary.json", json.dumps(summary, indent=1, default=str))
-        from semfl.report import write_run_report
-
-        write_run_report(self.out, summary)
+        with plots.drawing(self.cfg.log.figures):
+            write_run_report(self.out, summary)
 
     def _objective_fields(self, method_cls) -> dict:
         """What the run trains on (semfl.objective), for metrics row 0 and summary.json."""

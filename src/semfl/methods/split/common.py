@@ -238,6 +238,8 @@ def feature_figure(features: torch.Tensor, labels: torch.Tensor, path: Path, tit
     """Paper Fig 4: 2-D embedding of received noisy features, coloured by class."""
     from semfl.report import plots
 
+    if not plots.enabled():  # log.figures = false: no embedding (t-SNE takes seconds)
+        return {}
     points, how = embed_2d(features.double().numpy(), seed)
     fig, ax = plots.plt.subplots(figsize=(4.6, 4.2))
     sc = ax.scatter(points[:, 0], points[:, 1], c=labels.cpu().numpy(), cmap="tab10", s=5, vmin=-0.5, vmax=9.5)
