@@ -61,7 +61,7 @@ def tiny_overrides(fmnist_root, shared_cache) -> list[str]:
     add ``log.figures=true``)."""
     return [f"data.root={fmnist_root}", f"classifier.cache_dir={shared_cache}", "scale=tiny", "users=3",
             "rounds=3", "data.download=false", "data.test_samples=100", "eval.grid_images=4",
-            "eval.snr_sweep=[0.0, 10.0]", "train.lr=0.05", "classifier.epochs=3", "log.figures=false"]
+            "eval.snr_sweep=[0.0, 10.0]", "train.lr=0.05", "classifier.epochs=3", "log.figures=false", "data.max_per_user=96"]
 
 
 # methods that need a model family other than the default (csc) in the tests that run every method

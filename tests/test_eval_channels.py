@@ -15,7 +15,7 @@ def test_unknown_sweep_channel_is_named(tiny_overrides):
 
 
 def test_sweep_on_other_channels(tiny_overrides, tmp_path):
-    sets = tiny_overrides + ["method=fedavg", "rounds=2", "model.arch=jscc", "train.optimizer=adam", "train.lr=0.003",
+    sets = tiny_overrides + ["data.max_per_user=0", "method=fedavg", "rounds=2", "model.arch=jscc", "train.optimizer=adam", "train.lr=0.003",
                              "train.local_epochs=2", "eval.grid_images=0", "eval.snr_sweep=[0.0, 5.0]",
                              "eval.sweep_channels=['awgn', 'rayleigh']"]
     run_dir = tmp_path / "run"
