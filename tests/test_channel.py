@@ -226,10 +226,11 @@ def test_kind_validation_and_make_channel():
         ch(_symbols(2, 4), 10.0, draw=Channel("awgn").sample(2, 4, 10.0))
 
 
-def test_import_keeps_torch_rng_state():
+def test_sionna_is_imported_at_first_use_and_keeps_torch_rng_state():
     code = (
-        "import torch; torch.manual_seed(0); a = torch.rand(3); torch.manual_seed(0); "
-        "import semfl.wireless.channel; b = torch.rand(3); assert torch.equal(a, b), (a, b)"
+        "import sys, torch; torch.manual_seed(0); a = torch.rand(3); torch.manual_seed(0); "
+        "import semfl.wireless.channel as c; assert 'sionna' not in sys.modules; "  # imported at first use
+        "c.sionna_phy(); assert 'sionna.phy' in sys.modules; b = torch.rand(3); assert torch.equal(a, b), (a, b)"
     )
     src = str(Path(__file__).resolve().parents[1] / "src")
     r = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},

@@ -176,22 +176,35 @@ def test_snr_range_equal_is_valid():
     assert cfg.link.snr_min_db == cfg.link.snr_max_db == 10.0
 
 
-def test_method_tables_known_on_first_load_in_a_fresh_process():
+def test_fresh_process_knows_method_tables_on_first_load_and_runs_without_optional_packages(tiny_overrides, tmp_path):
     # Method modules register their [tables] on import; the very first load_config of a process
-    # (before anything imported semfl.methods) must already know them.
+    # (before anything imported semfl.methods) must already know them. `make run` installs semfl
+    # without its extras: with flwr unimportable a config loads without Sionna, torchmetrics or
+    # flwr (they take seconds), and a PSFL run goes through.
     script = (
+        "import sys\n"
+        "class NoFlower:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'flwr': raise ImportError('flwr is not installed here')\n"
+        "sys.meta_path.insert(0, NoFlower())\n"
         "from semfl.config import load_config, _METHOD_TABLES\n"
         "cfg = load_config(None, ['method=psfl'])\n"
         "assert set(cfg.methods) == {'psfl', 'foundation', 'aggregation'} < set(_METHOD_TABLES), (sorted(cfg.methods), sorted(_METHOD_TABLES))\n"
+        "assert not {'sionna', 'torchmetrics', 'flwr'} & set(sys.modules), sorted({'sionna', 'torchmetrics', 'flwr'} & set(sys.modules))\n"
         "import dataclasses\n"
         "field = dataclasses.fields(_METHOD_TABLES['psfl'])[0].name\n"
         "value = getattr(cfg.methods['psfl'], field)\n"
         "import tomli_w\n"
         "text = tomli_w.dumps({'v': value})[4:].strip()\n"
         "assert getattr(load_config(None, ['method=psfl', f'psfl.{field}={text}']).table('psfl'), field) == value\n"
+        "from semfl.cli import main\n"
+        "sys.exit(main(['run', '--out', sys.argv[1]] + [a for o in sys.argv[2:] for a in ('--set', o)]))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-c", script, str(out), *tiny_overrides, "method=psfl", "rounds=1",
+                             "users=2", "eval.snr_sweep=[]"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "summary.json").is_file()
 
 
 # ---------------------------------------------------------------- round trip

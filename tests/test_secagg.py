@@ -128,7 +128,7 @@ def test_base_station_with_config_seed_and_every_message_cannot_recover_one_upda
     # everything the base station holds: it can even rebuild user 2's self-mask from the survivors'
     # b-shares (t of them), but the pairwise masks need a private key it never sees
     b_shares = [secagg.as_bytes(replies[(secagg.UNMASK, u)].tensors[f"b/{target}"]) for u in range(USERS)]
-    best = ring - secagg.prg(secagg.combine_shares(b_shares), ring.size)
+    best = ring - secagg.prg(secagg._shamir().combine_shares(b_shares), ring.size)
     estimate = best.view(np.int64).astype(np.float64) / 2.0 ** FRAC_BITS
     # the masks are fresh OS randomness each run: |r| of independent data stays below 5 standard
     # errors (0.07 here) but for a 6e-7 chance

@@ -38,7 +38,9 @@ skimage-based numbers in papers beyond the second decimal.
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+# torchmetrics is imported by the functions that use it: it takes seconds (scipy.signal), which
+# loading a config or a CLI error should not pay
 
 __all__ = ["psnr", "psnr_per_image", "ssim", "ssim_per_image", "accuracy", "SSIM_KWARGS"]
 
@@ -53,6 +55,8 @@ def _check(x: torch.Tensor, y: torch.Tensor) -> None:
 def psnr_per_image(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """PSNR of each image pair from its own MSE, shape (B,); ``inf`` where the images are identical."""
     _check(x, y)
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
     return peak_signal_noise_ratio(y, x, data_range=data_range,
                                    reduction="none", dim=(1, 2, 3))
 
@@ -65,6 +69,8 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
 def ssim_per_image(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """SSIM of each image pair (torchmetrics convention, see module docstring), shape (B,)."""
     _check(x, y)
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     return structural_similarity_index_measure(y, x, data_range=data_range,
                                                reduction="none", **SSIM_KWARGS)
 

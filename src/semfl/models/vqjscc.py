@@ -21,7 +21,9 @@ from semfl.models.registry import register_arch
 
 def qam_codebook(bits_per_symbol: int) -> torch.Tensor:
     """(M, 2) real coordinates of Sionna's unit-energy M-QAM, M = 2**bits_per_symbol; row n has label n."""
-    from semfl.wireless import channel  # noqa: F401  (imports Sionna keeping torch's generator)
+    from semfl.wireless.channel import sionna_phy
+
+    sionna_phy()  # the first Sionna import goes through it: it keeps torch's generator where it was
     from sionna.phy.mapping import qam
 
     points = torch.from_numpy(qam(bits_per_symbol))

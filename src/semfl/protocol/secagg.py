@@ -41,7 +41,17 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+
+
+def _shamir():
+    """Flower's Shamir secret sharing (flwr.common.secure_aggregation), imported when secure
+    aggregation runs: flwr is an optional dependency (``pip install 'semfl[flower]'``)."""
+    try:
+        from flwr.common.secure_aggregation.crypto import shamir
+    except ImportError as exc:
+        raise RuntimeError("psfl.secure_aggregation needs Flower's Shamir secret sharing: "
+                           "pip install 'semfl[flower]' (flwr 1.41.x)") from exc
+    return shamir
 
 KEYS, SHARES, UNMASK = "secagg_keys", "secagg_shares", "secagg_unmask"
 KINDS = (KEYS, SHARES, UNMASK)
@@ -134,7 +144,8 @@ def user_shares(state: dict[str, Any], user: int, tensors: dict[str, torch.Tenso
     mine["c_pk"] = {v: as_bytes(tensors[f"c_pk/{v}"]) for v in holders}
     mine["s_pk"] = {v: as_bytes(tensors[f"s_pk/{v}"]) for v in holders}
     mine["holders"], mine["t"], mine["b"] = holders, t, os.urandom(32)
-    b_shares, s_shares = create_shares(mine["b"], t, len(holders)), create_shares(mine["s_sk"], t, len(holders))
+    shamir = _shamir()
+    b_shares, s_shares = shamir.create_shares(mine["b"], t, len(holders)), shamir.create_shares(mine["s_sk"], t, len(holders))
     out, mine["shares"] = {}, {}
     for index, v in enumerate(holders):
         if v == user:
@@ -200,9 +211,9 @@ def remove_masks(masked_sum: np.ndarray, survivors: list[int], dropped: list[int
     shared with users that dropped after sharing (reconstructed from >= t shares each)."""
     total = masked_sum.copy()
     for v in survivors:
-        total -= prg(combine_shares(b_shares[v]), total.size)
+        total -= prg(_shamir().combine_shares(b_shares[v]), total.size)
     for v in dropped:
-        secret = combine_shares(s_shares[v])
+        secret = _shamir().combine_shares(s_shares[v])
         for u in survivors:
             mask = prg(agree(secret, public_s[u], b"mask"), total.size)
             total = total + mask if u > v else total - mask  # u added -mask if u > v, +mask if u < v

@@ -41,7 +41,7 @@ pytree, so it can itself be a vmapped argument (a stack of per-user draws, shape
 
 Cost. Sionna blocks hold no state besides their device and precision; they are created once per
 ``(device, precision)`` and shared by every :class:`Channel` (module-level cache), so a forward
-call costs a couple of elementwise ops and one random draw. ``import sionna.phy`` takes ~3 s once.
+call costs a couple of elementwise ops and one random draw. ``import sionna.phy`` takes ~3 s, once, at the first channel use.
 """
 from __future__ import annotations
 
@@ -53,8 +53,10 @@ from typing import Any
 import torch
 
 
-def _import_sionna_keeping_torch_rng():
-    """Import sionna.phy without letting it re-seed torch's default generators at random."""
+@functools.cache
+def sionna_phy():
+    """``sionna.phy``, imported on first use (it takes seconds, and config loading or a CLI error
+    should not pay them) without letting it re-seed torch's default generators at random."""
     cpu_state = torch.random.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     import sionna.phy  # noqa: F401  (sets sionna.phy.config.seed = None -> random re-seed)
@@ -66,10 +68,6 @@ def _import_sionna_keeping_torch_rng():
         torch.cuda.set_rng_state_all(cuda_states)
     return sionna.phy
 
-
-_sionna = _import_sionna_keeping_torch_rng()
-from sionna.phy.channel import AWGN, RayleighBlockFading  # noqa: E402
-from sionna.phy.utils import complex_normal  # noqa: E402
 
 __all__ = [
     "Channel",
@@ -117,7 +115,7 @@ def seed_channels(seed: int) -> None:
     ``torch.manual_seed``. Sionna's own generator for device ``i`` of its device list
     (``cpu``, ``cuda:0``, ...) gets ``seed + i``.
     """
-    _sionna.config.seed = int(seed)
+    sionna_phy().config.seed = int(seed)
 
 
 @contextmanager
@@ -126,13 +124,13 @@ def preserved_rng(device: torch.device | str = "cpu"):
     were, so one-off work (e.g. pretraining a cached model) cannot shift a run's random streams."""
     device = torch.device(device)
     name = _sionna_device(device)
-    state = _sionna.config.torch_rng(name).get_state()
+    state = sionna_phy().config.torch_rng(name).get_state()
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         try:
             yield
         finally:
-            _sionna.config.torch_rng(name).set_state(state)
+            sionna_phy().config.torch_rng(name).set_state(state)
 
 
 @dataclass
@@ -160,7 +158,7 @@ def _sionna_device(device: torch.device) -> str:
         name = f"cuda:{idx}"
     else:
         name = device.type
-    return name if name in _sionna.config.available_devices else "cpu"
+    return name if name in sionna_phy().config.available_devices else "cpu"
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -172,12 +170,12 @@ def _precision(dtype: torch.dtype) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _awgn_block(device: str, precision: str) -> AWGN:
-    return AWGN(precision=precision, device=device)
+    return sionna_phy().channel.AWGN(precision=precision, device=device)
 
 
 @functools.lru_cache(maxsize=None)
 def _fading_block(device: str, precision: str) -> RayleighBlockFading:
-    return RayleighBlockFading(num_rx=1, num_rx_ant=1, num_tx=1, num_tx_ant=1, precision=precision, device=device)
+    return sionna_phy().channel.RayleighBlockFading(num_rx=1, num_rx_ant=1, num_tx=1, num_tx_ant=1, precision=precision, device=device)
 
 
 def _noise_var(snr_db, batch: int, device, real_dtype) -> torch.Tensor:
@@ -254,7 +252,7 @@ class Channel(torch.nn.Module):
             h, _ = _fading_block(dev, precision)(batch_size=batch, num_time_steps=1)
             h = h.reshape(batch, 1).to(out_device)
         block = _awgn_block(dev, precision)  # draw exactly as sionna.phy.channel.AWGN does
-        noise = complex_normal((batch, n), precision=precision, device=dev, generator=block.torch_rng)
+        noise = sionna_phy().utils.complex_normal((batch, n), precision=precision, device=dev, generator=block.torch_rng)
         noise = noise * no.sqrt().to(noise.dtype)
         return ChannelDraw(noise=noise.to(out_device), h=h, noise_var=no.to(out_device))
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from semfl.wireless.channel import Channel, _sionna_device
+from semfl.wireless.channel import Channel, _sionna_device, sionna_phy
 from semfl.wireless.link_table import MCS
 
 MAX_BLOCK_BITS = 8000  # coded bits per LDPC codeword (5G's largest info block is 8448 bits)
@@ -83,6 +83,7 @@ def layout(channel_uses: int, mcs: MCS) -> BlockLayout | None:
 
 @functools.lru_cache(maxsize=64)
 def _blocks(k: int, n: int, m: int, crc: str, device: str):
+    sionna_phy()  # the first Sionna import goes through it: it keeps torch's generator where it was
     from sionna.phy.fec.crc import CRCDecoder, CRCEncoder
     from sionna.phy.fec.ldpc import LDPC5GEncoder
     from sionna.phy.mapping import Demapper, Mapper
