@@ -10,7 +10,7 @@ pytest.importorskip("flwr")
 
 from semfl.wireless.codecs import Payload  # noqa: E402
 from semfl.config import load_config  # noqa: E402
-from conftest import method_overrides  # noqa: E402
+from conftest import SHORT_RUN, method_group  # noqa: E402
 from semfl.methods import available_methods  # noqa: E402
 from semfl.files import read_jsonl  # noqa: E402
 from flower_loopback import LoopbackGrid  # noqa: E402
@@ -25,8 +25,11 @@ VOLATILE = ("wall_s", "missing_users")
 
 @pytest.fixture
 def flower_overrides(tiny_overrides, tmp_path, monkeypatch):
+    """Short runs (conftest's SHORT_RUN: 3 users, 2 rounds, 60 images each, 50 test images): what the
+    tests here check is in metrics.jsonl (per round and user, link bits included), not in the final
+    SNR sweep or reconstruction grid, which SHORT_RUN leaves out."""
     monkeypatch.setenv("SEMFL_NODE_STATE_DIR", str(tmp_path / "nodes"))
-    return tiny_overrides + ["rounds=2"]
+    return tiny_overrides + SHORT_RUN
 
 
 def stable(rows):
@@ -98,10 +101,11 @@ def test_client_app_serves_any_request_kind():
 
 
 # ---------------------------------------------------------------- equivalence
-@pytest.mark.parametrize("method", sorted(available_methods()))
-def test_flower_adapter_matches_local_transport(method, flower_overrides, tmp_path):
-    overrides = flower_overrides + method_overrides(method)
-    local = run_local(overrides, tmp_path / "local")
+@pytest.mark.parametrize("method", method_group(sorted(available_methods())))
+def test_flower_adapter_matches_local_transport(method, method_run, flower_overrides, tmp_path):
+    """The method's short run (3 users, 2 rounds) on Flower against the same run on the local
+    transport (conftest's method_run, whose user calls tests/test_halves.py replays)."""
+    overrides, local, _ = method_run(method)
     flower = run_flower(overrides, tmp_path / "flower")
     assert_same_metrics(local, flower)  # link rows included: per user and round, bits compared exactly
     bits = lambda rows: [(r["round"], r["user"], r["uplink_bits"], r["downlink_bits"]) for r in rows if r["scope"] == "link"]  # noqa: E731
