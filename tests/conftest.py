@@ -74,9 +74,10 @@ def method_overrides(method: str) -> list[str]:
 
 
 # a short run of one method for the tests that compare or replay what its users did: 3 users, 2 rounds
-# (state carried from one round to the next), 60 images each, 50 test images, no SNR sweep or grid
-SHORT_RUN = ["rounds=2", "users=3", "data.max_per_user=60", "data.test_samples=50", "eval.snr_sweep=[]",
-             "eval.grid_images=0", "classifier.epochs=1"]
+# (state carried from one round to the next), 60 images each, 50 test images, a one-SNR final sweep
+# and a 2-image grid (the final models, some fetched from the users, are still tested)
+SHORT_RUN = ["rounds=2", "users=3", "data.max_per_user=60", "data.test_samples=50", "eval.snr_sweep=[10.0]",
+             "eval.grid_images=2", "classifier.epochs=1"]
 
 
 def short_run_overrides(fmnist_root, cache_dir, method: str) -> list[str]:
@@ -107,7 +108,7 @@ def _recorded(calls: list, kind: str, handler):
 
 @pytest.fixture(scope="session")
 def method_run(fmnist_root, shared_cache, tmp_path_factory):
-    """method_run(method) -> (overrides, metrics rows, calls) of ``method``'s short run on the local
+    """method_run(method) -> (overrides, metrics rows, calls, run directory) of ``method``'s short run on the local
     transport, made once per session (per xdist worker) and method: tests/test_flower.py compares its
     metrics with the Flower transport's, tests/test_halves.py replays its user-handler calls. Each call
     is (kind, context with the user's state before, request, reply, the user's state after). Recording
@@ -134,7 +135,7 @@ def method_run(fmnist_root, shared_cache, tmp_path_factory):
             with pytest.MonkeyPatch.context() as patch:
                 patch.setattr(LocalTransport, "bind", recording_bind)
                 Runner(load_config(None, overrides), out, show_progress=False, log=lambda m: None).execute()
-            made[method] = (overrides, read_jsonl(out / "metrics.jsonl"), calls)
+            made[method] = (overrides, read_jsonl(out / "metrics.jsonl"), calls, out)
         return made[method]
     return make
 

@@ -99,23 +99,35 @@ def test_deployment_checks_how_the_run_ended(psfl_overrides, tmp_path, monkeypat
 
     from semfl.runtimes.flower.deploy import DeployError
 
+    import json
+
+    from semfl.runtimes.flower import deploy
+
     cfg = load_config(None, psfl_overrides)
-    ended = {}
+    statuses: list[str] = []
+
+    def flwr(self, *args, timeout=None):  # `flwr ls` answers with the next status, `flwr log` with a log
+        if args[0] == "ls":
+            out = "warning: a banner first\n" + json.dumps({"success": True, "runs": [{"run-id": args[2], "status": statuses.pop(0)}]})
+        else:
+            out = f"log of {' '.join(args)}"
+        return sp.CompletedProcess(args, 0, stdout=out, stderr="")
+
     monkeypatch.setattr(LocalDeployment, "start_superlink", lambda self: 1)
     monkeypatch.setattr(LocalDeployment, "start_supernodes", lambda self, port: None)
     monkeypatch.setattr(LocalDeployment, "submit", lambda self: "7")
-    monkeypatch.setattr(LocalDeployment, "status", lambda self, run_id: ended[run_id])
-    monkeypatch.setattr(LocalDeployment, "flwr", lambda self, *args, timeout=None: sp.CompletedProcess(
-        args, 0, stdout=f"log of {' '.join(args)}", stderr=""))
+    monkeypatch.setattr(LocalDeployment, "flwr", flwr)
+    monkeypatch.setattr(deploy.time, "sleep", lambda s: None)
 
-    ended["7"] = "finished:completed"
+    statuses[:] = ["running", "finished:completed", "finished:completed"]  # polled until it finishes
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "report.html").write_text("<html></html>")
     assert LocalDeployment(cfg, tmp_path / "done", log=lambda m: None).execute() == (tmp_path / "done").resolve()
     assert (tmp_path / "done" / "deploy" / "logs" / "serverapp.log").read_text() == "log of log 7 deploy --show"
     with pytest.raises(DeployError, match="wrote no report"):
         LocalDeployment(cfg, tmp_path / "no-report", log=lambda m: None).execute()
-    ended["7"] = "finished:failed"
+    assert not statuses
+    statuses[:] = ["finished:failed"]
     with pytest.raises(DeployError, match=r"run 7 ended as finished:failed; see the ServerApp's log .*serverapp\.log"):
         LocalDeployment(cfg, tmp_path / "failed", log=lambda m: None).execute()
     assert (tmp_path / "failed" / "deploy" / "logs" / "serverapp.log").is_file()

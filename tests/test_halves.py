@@ -33,7 +33,7 @@ def _same(a, b) -> bool:
 def test_user_handlers_need_nothing_from_the_base_station(method, method_run):
     """Every user-handler call of the method's short local run (3 users, 2 rounds: the base station
     has run a round before round 2's calls), replayed on a fresh instance."""
-    overrides, _, calls = method_run(method)
+    overrides, _, calls, _ = method_run(method)
     cfg = load_config(None, overrides)
     assert calls, f"{method}: no user handler ran"
 
