@@ -73,6 +73,73 @@ def method_overrides(method: str) -> list[str]:
     return [f"method={method}"] + ([f"model.arch={METHOD_MODELS[method]}"] if method in METHOD_MODELS else [])
 
 
+# a short run of one method for the tests that compare or replay what its users did: 3 users, 2 rounds
+# (state carried from one round to the next), 60 images each, 50 test images, a one-SNR final sweep
+# and a 2-image grid (the final models, some fetched from the users, are still tested)
+SHORT_RUN = ["rounds=2", "users=3", "data.max_per_user=60", "data.test_samples=50", "eval.snr_sweep=[10.0]",
+             "eval.grid_images=2", "classifier.epochs=1"]
+
+
+def short_run_overrides(fmnist_root, cache_dir, method: str) -> list[str]:
+    """--set overrides of ``method``'s short run (tiny_overrides, then SHORT_RUN, then the method's)."""
+    extra = ["finefed.fedavg_rounds=1"] if method == "finefed" else []  # both of FineFed's stages
+    return [f"data.root={fmnist_root}", f"classifier.cache_dir={cache_dir}", "scale=tiny", "data.download=false",
+            "train.lr=0.05", "log.figures=false", *SHORT_RUN, *method_overrides(method), *extra]
+
+
+def method_group(methods) -> list:
+    """pytest params of methods, each in the xdist group of its method_run (one worker makes it once)."""
+    return [pytest.param(m, marks=pytest.mark.xdist_group(f"method-run-{m}")) for m in methods]
+
+
+def _recorded(calls: list, kind: str, handler):
+    import copy
+    import dataclasses
+
+    def recorded(ctx, payload):
+        before = copy.deepcopy(ctx.state)
+        request = copy.deepcopy(payload)
+        reply = handler(ctx, payload)
+        calls.append((kind, dataclasses.replace(ctx, state=before), request, copy.deepcopy(reply),
+                      copy.deepcopy(ctx.state)))
+        return reply
+    return recorded
+
+
+@pytest.fixture(scope="session")
+def method_run(fmnist_root, shared_cache, tmp_path_factory):
+    """method_run(method) -> (overrides, metrics rows, calls, run directory) of ``method``'s short run on the local
+    transport, made once per session (per xdist worker) and method: tests/test_flower.py compares its
+    metrics with the Flower transport's, tests/test_halves.py replays its user-handler calls. Each call
+    is (kind, context with the user's state before, request, reply, the user's state after). Recording
+    only copies: the run's metrics are those of an unrecorded run (no batched handlers run on the CPU,
+    where train.vmap = 'auto' is off)."""
+    from semfl.config import load_config
+    from semfl.files import read_jsonl
+    from semfl.runtimes.local import LocalTransport
+    from semfl.runtimes.run import Runner
+
+    made: dict[str, tuple] = {}
+
+    def make(method: str):
+        if method not in made:
+            overrides = short_run_overrides(fmnist_root, shared_cache, method)
+            out = tmp_path_factory.mktemp(f"short-{method}") / "run"
+            calls: list = []
+            bind = LocalTransport.bind
+
+            def recording_bind(self, handlers, *args, **kwargs):
+                bind(self, {k: _recorded(calls, k, h) for k, h in handlers.items() if not k.endswith(":batched")},
+                     *args, **kwargs)
+
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(LocalTransport, "bind", recording_bind)
+                Runner(load_config(None, overrides), out, show_progress=False, log=lambda m: None).execute()
+            made[method] = (overrides, read_jsonl(out / "metrics.jsonl"), calls, out)
+        return made[method]
+    return make
+
+
 def vq_overrides(fmnist_root, cache_dir, method: str, users: int) -> list[str]:
     """--set overrides for tiny runs of the VQ-JSCC methods (FedSFR and its baselines): IID users with
     60 samples each, training and testing at a fixed 20 dB, no classifier term."""

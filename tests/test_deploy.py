@@ -1,5 +1,7 @@
 """A real Flower deployment on 127.0.0.1: SuperLink + 2 SuperNodes as processes (semfl deploy local),
-2 rounds of PSFL, metrics and bits identical to the local transport; no process left behind."""
+2 rounds of PSFL, metrics and bits identical to the local transport; no process left behind. The
+whole runs are slow (`make test-slow`); the default suite starts and stops the processes for real
+and checks the rest in-process (each slow test's docstring names the fast one)."""
 from __future__ import annotations
 
 import os
@@ -18,6 +20,7 @@ from semfl.config import load_config  # noqa: E402
 from semfl.runtimes.flower.deploy import LocalDeployment, make_node_key  # noqa: E402
 from semfl.files import read_jsonl  # noqa: E402
 from semfl.runtimes.run import Runner  # noqa: E402
+from conftest import SHORT_RUN  # noqa: E402
 from test_flower import assert_same_metrics  # noqa: E402
 
 
@@ -29,10 +32,20 @@ def flower_processes(work) -> list[str]:
 
 @pytest.fixture
 def psfl_overrides(tiny_overrides):
-    return tiny_overrides + ["method=psfl", "users=2", "rounds=2"]
+    """PSFL, 2 users, 2 rounds of conftest's short runs (60 images each, 50 test images, no SNR sweep
+    or grid): what these tests compare is metrics.jsonl, the run's end and its processes."""
+    return tiny_overrides + SHORT_RUN + ["method=psfl", "users=2"]
 
 
+@pytest.mark.slow
 def test_real_loopback_deployment_matches_local_transport(psfl_overrides, tmp_path):
+    """The whole deployment, end to end (minutes: every message starts a ClientApp process). In the
+    default suite: the Flower adapter's equivalence with the local transport (real ClientApp/ServerApp
+    code, messages through Flower's protobuf) is test_flower.py::test_flower_adapter_matches_local_transport[psfl],
+    2 rounds and bit counts included; a node serving each message from a fresh process is
+    test_halves.py::test_user_handlers_need_nothing_from_the_base_station; the processes started and
+    stopped for real, test_deployment_stops_everything_when_interrupted; what execute does with the
+    finished run (its status, the ServerApp's log, the report), test_deployment_checks_how_the_run_ended."""
     cfg = load_config(None, psfl_overrides)
     Runner(cfg, tmp_path / "local", show_progress=False, log=lambda m: None).execute()
     deployment = LocalDeployment(cfg, tmp_path / "deployed", timeout_s=480, log=lambda m: None)
@@ -75,6 +88,49 @@ def test_deployment_stops_everything_when_interrupted(psfl_overrides, tmp_path):
     assert started.is_set() and not deployment.processes
     time.sleep(1)
     assert not flower_processes(tmp_path / "run")
+
+
+def test_deployment_checks_how_the_run_ended(psfl_overrides, tmp_path, monkeypatch):
+    """execute once the Flower run has ended, with the processes and the `flwr` CLI stood in for (the
+    real deployment: test_real_loopback_deployment_matches_local_transport, slow): a completed run that
+    wrote its report gives its directory, with the ServerApp's log kept; a run that ended otherwise, or
+    wrote no report, is a DeployError that says where to look."""
+    import subprocess as sp
+
+    from semfl.runtimes.flower.deploy import DeployError
+
+    import json
+
+    from semfl.runtimes.flower import deploy
+
+    cfg = load_config(None, psfl_overrides)
+    statuses: list[str] = []
+
+    def flwr(self, *args, timeout=None):  # `flwr ls` answers with the next status, `flwr log` with a log
+        if args[0] == "ls":
+            out = "warning: a banner first\n" + json.dumps({"success": True, "runs": [{"run-id": args[2], "status": statuses.pop(0)}]})
+        else:
+            out = f"log of {' '.join(args)}"
+        return sp.CompletedProcess(args, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(LocalDeployment, "start_superlink", lambda self: 1)
+    monkeypatch.setattr(LocalDeployment, "start_supernodes", lambda self, port: None)
+    monkeypatch.setattr(LocalDeployment, "submit", lambda self: "7")
+    monkeypatch.setattr(LocalDeployment, "flwr", flwr)
+    monkeypatch.setattr(deploy.time, "sleep", lambda s: None)
+
+    statuses[:] = ["running", "finished:completed", "finished:completed"]  # polled until it finishes
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "report.html").write_text("<html></html>")
+    assert LocalDeployment(cfg, tmp_path / "done", log=lambda m: None).execute() == (tmp_path / "done").resolve()
+    assert (tmp_path / "done" / "deploy" / "logs" / "serverapp.log").read_text() == "log of log 7 deploy --show"
+    with pytest.raises(DeployError, match="wrote no report"):
+        LocalDeployment(cfg, tmp_path / "no-report", log=lambda m: None).execute()
+    assert not statuses
+    statuses[:] = ["finished:failed"]
+    with pytest.raises(DeployError, match=r"run 7 ended as finished:failed; see the ServerApp's log .*serverapp\.log"):
+        LocalDeployment(cfg, tmp_path / "failed", log=lambda m: None).execute()
+    assert (tmp_path / "failed" / "deploy" / "logs" / "serverapp.log").is_file()
 
 
 def test_existing_run_needs_resume(psfl_overrides, tmp_path):

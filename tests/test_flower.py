@@ -3,6 +3,8 @@ through protobuf, no Ray, no servers): wire format, equivalence with the local t
 method, node failures, resume, and the node's state store."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ pytest.importorskip("flwr")
 
 from semfl.wireless.codecs import Payload  # noqa: E402
 from semfl.config import load_config  # noqa: E402
-from conftest import method_overrides  # noqa: E402
+from conftest import SHORT_RUN, method_group  # noqa: E402
 from semfl.methods import available_methods  # noqa: E402
 from semfl.files import read_jsonl  # noqa: E402
 from flower_loopback import LoopbackGrid  # noqa: E402
@@ -25,8 +27,10 @@ VOLATILE = ("wall_s", "missing_users")
 
 @pytest.fixture
 def flower_overrides(tiny_overrides, tmp_path, monkeypatch):
+    """Short runs (conftest's SHORT_RUN: 3 users, 2 rounds, 60 images each, 50 test images, a
+    one-SNR final sweep)."""
     monkeypatch.setenv("SEMFL_NODE_STATE_DIR", str(tmp_path / "nodes"))
-    return tiny_overrides + ["rounds=2"]
+    return tiny_overrides + SHORT_RUN
 
 
 def stable(rows):
@@ -44,6 +48,16 @@ def run_flower(overrides, out, grid=None, resume=False):
     Runner(cfg, out, resume=resume, show_progress=False, log=lambda m: None,
            transport=flower_transport(grid, log=lambda m: None)).execute()
     return read_jsonl(out / "metrics.jsonl")
+
+
+def sweep_points(run_dir) -> dict:
+    """snr_sweep.json as {(model, metric, SNR): value} ({} when the run wrote none)."""
+    path = run_dir / "snr_sweep.json"
+    if not path.is_file():
+        return {}
+    sweep = json.loads(path.read_text())
+    return {(label, metric, snr): value for label, curves in sweep["models"].items()
+            for metric, values in curves.items() for snr, value in zip(sweep["snr_db"], values)}
 
 
 def assert_same_metrics(a, b, rel=1e-6):
@@ -98,14 +112,19 @@ def test_client_app_serves_any_request_kind():
 
 
 # ---------------------------------------------------------------- equivalence
-@pytest.mark.parametrize("method", sorted(available_methods()))
-def test_flower_adapter_matches_local_transport(method, flower_overrides, tmp_path):
-    overrides = flower_overrides + method_overrides(method)
-    local = run_local(overrides, tmp_path / "local")
+@pytest.mark.parametrize("method", method_group(sorted(available_methods())))
+def test_flower_adapter_matches_local_transport(method, method_run, flower_overrides, tmp_path):
+    """The method's short run (3 users, 2 rounds) on Flower against the same run on the local
+    transport (conftest's method_run, whose user calls tests/test_halves.py replays)."""
+    overrides, local, _, local_dir = method_run(method)
     flower = run_flower(overrides, tmp_path / "flower")
     assert_same_metrics(local, flower)  # link rows included: per user and round, bits compared exactly
     bits = lambda rows: [(r["round"], r["user"], r["uplink_bits"], r["downlink_bits"]) for r in rows if r["scope"] == "link"]  # noqa: E731
     assert bits(local) == bits(flower) and all(up > 0 for _, _, up, _ in bits(flower))
+    # the final SNR sweep tests the final models, users' models fetched from their nodes included
+    local_sweep, flower_sweep = sweep_points(local_dir), sweep_points(tmp_path / "flower")
+    assert flower_sweep.keys() == local_sweep.keys()
+    assert flower_sweep == pytest.approx(local_sweep, rel=1e-6, abs=1e-9, nan_ok=True)
 
 
 def test_psfl_with_secure_aggregation_and_dp_matches(flower_overrides, tmp_path):

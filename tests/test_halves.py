@@ -10,13 +10,12 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import method_overrides
+from conftest import method_group
 from semfl.config import load_config
 from semfl.methods import available_methods, get_method
 from semfl.protocol import seeding
-from semfl.protocol.context import UserContext
 from semfl.runtimes.local import LocalTransport
-from semfl.runtimes.run import Runner, build_context
+from semfl.runtimes.run import build_context
 
 
 def _same(a, b) -> bool:
@@ -30,34 +29,12 @@ def _same(a, b) -> bool:
     return a == b or (a != a and b != b)  # NaN equals NaN here
 
 
-def _record(calls: list, kind: str, handler):
-    def recorded(ctx: UserContext, payload):
-        before = copy.deepcopy(ctx.state)
-        request = copy.deepcopy(payload)
-        reply = handler(ctx, payload)
-        calls.append((kind, dataclasses.replace(ctx, state=before), request, copy.deepcopy(reply),
-                      copy.deepcopy(ctx.state)))
-        return reply
-    return recorded
-
-
-@pytest.mark.parametrize("method", sorted(available_methods()))
-def test_user_handlers_need_nothing_from_the_base_station(method, tiny_overrides, tmp_path, monkeypatch):
-    overrides = tiny_overrides + method_overrides(method) + [
-        "rounds=2", "users=3", "eval.grid_images=0", "eval.snr_sweep=[]", "classifier.epochs=1"]
-    if method == "finefed":
-        overrides += ["finefed.fedavg_rounds=1"]
+@pytest.mark.parametrize("method", method_group(sorted(available_methods())))
+def test_user_handlers_need_nothing_from_the_base_station(method, method_run):
+    """Every user-handler call of the method's short local run (3 users, 2 rounds: the base station
+    has run a round before round 2's calls), replayed on a fresh instance."""
+    overrides, _, calls, _ = method_run(method)
     cfg = load_config(None, overrides)
-    calls: list = []
-    bind = LocalTransport.bind
-
-    def recording_bind(self, handlers, *args, **kwargs):
-        bind(self, {k: _record(calls, k, h) for k, h in handlers.items() if not k.endswith(":batched")},
-             *args, **kwargs)
-
-    monkeypatch.setattr(LocalTransport, "bind", recording_bind)
-    Runner(cfg, tmp_path / "run", show_progress=False, log=lambda m: None).execute()
-    monkeypatch.setattr(LocalTransport, "bind", bind)
     assert calls, f"{method}: no user handler ran"
 
     # a fresh instance, built as a Flower node builds it: never ran a round, knows no user
