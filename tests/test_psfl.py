@@ -65,11 +65,11 @@ def psfl_run(overrides, out, extra=()):
 
 
 @pytest.fixture(scope="module")
-def plain_run(tmp_path_factory, fmnist_root):
+def plain_run(tmp_path_factory, fmnist_root, shared_cache):
     tmp = tmp_path_factory.mktemp("psfl")
-    overrides = [f"data.root={fmnist_root}", f"classifier.cache_dir={tmp / 'cache'}", "scale=tiny",
+    overrides = [f"data.root={fmnist_root}", f"classifier.cache_dir={shared_cache}", "scale=tiny",
                  "data.download=false", "data.test_samples=100", "eval.grid_images=3", "eval.snr_sweep=[5.0]",
-                 "train.lr=0.05", "classifier.epochs=3", "psfl.user_eval_samples=50"]
+                 "train.lr=0.05", "classifier.epochs=3", "psfl.user_eval_samples=50", "data.max_per_user=96"]
     cfg, rows = psfl_run(overrides, tmp / "run")
     return overrides, cfg, rows, tmp
 
