@@ -36,9 +36,9 @@ def no_report():
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, fmnist_root):
+def base(tmp_path_factory, fmnist_root, shared_cache):
     tmp = tmp_path_factory.mktemp("contenders")
-    overrides = [f"data.root={fmnist_root}", f"classifier.cache_dir={tmp / 'cache'}", "scale=tiny", "users=3",
+    overrides = ["log.figures=false", f"data.root={fmnist_root}", f"classifier.cache_dir={shared_cache}", "scale=tiny", "users=3",
                  "rounds=2", "data.download=false", "data.test_samples=100", "eval.grid_images=0",
                  "eval.snr_sweep=[]", "train.lr=0.05", "classifier.epochs=3", "model.arch=gsc-m"]
     return overrides, tmp

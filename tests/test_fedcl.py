@@ -64,9 +64,9 @@ def test_encoder_assignment_and_config_errors():
 
 
 @pytest.fixture(scope="module")
-def split_setup(fmnist_root, tmp_path_factory):
+def split_setup(fmnist_root, tmp_path_factory, shared_cache):
     tmp = tmp_path_factory.mktemp("fedcl")
-    overrides = [f"data.root={fmnist_root}", f"classifier.cache_dir={tmp / 'cache'}", "scale=tiny",
+    overrides = ["log.figures=false", f"data.root={fmnist_root}", f"classifier.cache_dir={shared_cache}", "scale=tiny",
                  "data.download=false", "data.test_samples=100", "classifier.epochs=1", "eval.snr_sweep=[0.0, 10.0]",
                  "data.partition=ways_shots", "data.shots=30", "users=3", "train.lr=0.05"]
     return overrides, tmp
@@ -160,7 +160,7 @@ def run_method(overrides, tmp, method, extra=()):
 
 def test_heterogeneous_encoders_train_together(split_setup):
     overrides, tmp = split_setup
-    rows, out = run_method(overrides, tmp, "fedcl", ["fedcl.encoders=['dcgan-s', 'dcgan-m', 'dcgan-l']"])
+    rows, out = run_method(overrides, tmp, "fedcl", ["fedcl.encoders=['dcgan-s', 'dcgan-m', 'dcgan-l']", "log.figures=true"])
     glob = {r["round"]: r for r in rows if r["scope"] == "global"}
     assert glob[3]["loss"] < glob[0]["loss"]
     assert glob[3]["accuracy"] > 0.6  # users hold 2-4 classes: chance is about 1/3 on their test images

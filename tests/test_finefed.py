@@ -53,9 +53,9 @@ def test_halves_partition_the_model_and_compose_to_its_forward(arch):
 
 
 @pytest.fixture(scope="module")
-def base(fmnist_root, tmp_path_factory):
+def base(fmnist_root, tmp_path_factory, shared_cache):
     tmp = tmp_path_factory.mktemp("finefed")
-    return [f"data.root={fmnist_root}", f"classifier.cache_dir={tmp / 'cache'}", "scale=tiny", "data.download=false",
+    return ["log.figures=false", f"data.root={fmnist_root}", f"classifier.cache_dir={shared_cache}", "scale=tiny", "data.download=false",
             "data.test_samples=100", "classifier.epochs=1", "eval.snr_sweep=[]", "users=3", "model.arch=jscc",
             "method=finefed", "data.partition=iid", "data.max_per_user=40"], tmp
 
@@ -197,7 +197,7 @@ def test_fine_tuned_pairs_beat_the_federated_model(base):
     overrides, tmp = base
     cfg = load_config(None, overrides + ["rounds=6", "finefed.fedavg_rounds=3", "finefed.lr=0.003",
                                          "train.optimizer=adam", "train.lr=0.003", "train.task_weight=0",
-                                         "data.max_per_user=120", "finefed.train_snrs=[4.0, 10.0]"])
+                                         "data.max_per_user=120", "finefed.train_snrs=[4.0, 10.0]", "log.figures=true"])
     out = tmp / "run"
     Runner(cfg, out, show_progress=False, log=lambda m: None).execute()
     rows = read_jsonl(out / "metrics.jsonl")

@@ -58,8 +58,8 @@ def test_nonfinite_entries_walks_nested_state():
     assert nonfinite_entries(state) == ["global/b", "list[0]"]
 
 
-def _cfg(fmnist_root: Path, tmp_path: Path, rounds: int):
-    return load_config(None, [f"data.root={fmnist_root}", f"classifier.cache_dir={tmp_path / 'cache'}", "scale=tiny",
+def _cfg(fmnist_root: Path, cache: Path, rounds: int):
+    return load_config(None, ["log.figures=false", f"data.root={fmnist_root}", f"classifier.cache_dir={cache}", "scale=tiny",
                               "users=5", f"rounds={rounds}", "data.download=false", "data.test_samples=100",
                               "eval.grid_images=0", "eval.snr_sweep=[]", "classifier.epochs=3", "train.lr=0.05"])
 
@@ -68,10 +68,10 @@ def _globals(out: Path) -> list[dict]:
     return [r for r in read_jsonl(out / "metrics.jsonl") if r["scope"] == "global"]
 
 
-def test_nan_reply_is_rejected_logged_and_the_run_goes_on(fmnist_root, tmp_path):
+def test_nan_reply_is_rejected_logged_and_the_run_goes_on(fmnist_root, shared_cache, tmp_path):
     logs: list[str] = []
     out = tmp_path / "nan"
-    Runner(_cfg(fmnist_root, tmp_path, 2), out, show_progress=False, log=logs.append,
+    Runner(_cfg(fmnist_root, shared_cache, 2), out, show_progress=False, log=logs.append,
            transport=poisoned(2, with_nan)).execute()
     rows = _globals(out)
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -85,15 +85,15 @@ def test_nan_reply_is_rejected_logged_and_the_run_goes_on(fmnist_root, tmp_path)
     assert len({r["uplink_bits"] for r in links}) == 1 and len(links) == 5
 
 
-def test_scaled_reply_making_the_model_nonfinite_stops_the_run_and_keeps_the_checkpoint(fmnist_root, tmp_path):
+def test_scaled_reply_making_the_model_nonfinite_stops_the_run_and_keeps_the_checkpoint(fmnist_root, shared_cache, tmp_path):
     out = tmp_path / "x1e4"
     with pytest.raises(RunError, match=r"round 2: the global model became non-finite .* checkpoint of round 1"):
-        Runner(_cfg(fmnist_root, tmp_path, 3), out, show_progress=False, log=lambda m: None,
+        Runner(_cfg(fmnist_root, shared_cache, 3), out, show_progress=False, log=lambda m: None,
                transport=poisoned(2, scaled(1e4))).execute()
     assert load_checkpoint(out / CHECKPOINT)["round"] == 1
     assert [r["round"] for r in _globals(out)] == [0, 1]  # no metrics of the broken round
     # the checkpoint is good: once the attacker is gone the run resumes from it and finishes
-    Runner(_cfg(fmnist_root, tmp_path, 3), out, resume=True, show_progress=False, log=lambda m: None).execute()
+    Runner(_cfg(fmnist_root, shared_cache, 3), out, resume=True, show_progress=False, log=lambda m: None).execute()
     rows = _globals(out)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in rows)
