@@ -214,16 +214,14 @@ def test_transport_state_cap_keeps_psfl_like_state_working(tiny_overrides, tmp_p
     assert rows["0"] == rows["0.001"]
 
 
-def test_bench_quick_smoke(fmnist_root, tmp_path):
+QUICK_PARTS = "overhead,vmap,precision,workers,scaling-psfl,compute"
+
+
+def _check_quick_bench(out):
+    """What ``semfl bench --quick --only QUICK_PARTS`` must write: every part's fields and Markdown section."""
     import json
 
-    from semfl.cli import main
-
-    out = tmp_path / "results"
-    code = main(["bench", "--quick", "--only", "overhead,vmap,precision,workers,scaling-psfl,compute", "--repeats", "1", "--out", str(out),
-                 "--set", f"data.root={fmnist_root}", "--set", "data.download=false",
-                 "--set", f"classifier.cache_dir={tmp_path / 'cache'}"])
-    assert code == 0
+    text = (out / "bench-cpu-quick.md").read_text()
     result = json.loads((out / "bench-cpu-quick.json").read_text())
     assert {"cpu", "cores", "torch", "device", "load_avg"} <= set(result["machine"])
     (fedavg,) = result["overhead"]
@@ -233,27 +231,96 @@ def test_bench_quick_smoke(fmnist_root, tmp_path):
     assert all(c["bf16"]["median_s"] > 0 and c["speedup_bf16_vs_fp32"] > 0 for c in result["precision"])
     assert len(result["precision"][0]["epoch_losses"]["bf16"]) == 4
     assert 0 < result["precision"][0]["max_relative_loss_gap"] < 0.1
-    assert "Training precision" in (out / "bench-cpu-quick.md").read_text()
+    assert "Training precision" in text
     assert [w["method"] for w in result["workers"]] == ["fedavg", "psfl"]
     for w in result["workers"]:
         assert [(v["threads"], v["workers"]) for v in w["settings"].values()] == [(1, 1), (w["cores"], 1), (w["cores"], w["cores"])]
         assert all(v["median_s"] > 0 for v in w["settings"].values()) and w["speedup_workers_vs_threads"] > 0
-    assert "one worker process per core" in (out / "bench-cpu-quick.md").read_text()
-    assert "Overhead ratio" in (out / "bench-cpu-quick.md").read_text()
+    assert "one worker process per core" in text
+    assert "Overhead ratio" in text
     psfl = {(p["state_memory_mb"], p["users"]): p for p in result["scaling_psfl"]}
     assert set(psfl) == {(0, 3), (0, 9), (64, 3), (64, 9)}
     assert all(p["round_s"] > 0 and p["peak_rss_rounds_mb"] >= p["rss_before_rounds_mb"] for p in psfl.values())
-    assert "Scaling with per-user state" in (out / "bench-cpu-quick.md").read_text()
+    assert "Scaling with per-user state" in text
     compute = result["compute"]
     assert compute["flops_per_step"] > 0 and compute["step_s"] > 0 and 0 < compute["conv_time_share"] < 1
     assert compute["gflops"] == pytest.approx(compute["flops_per_step"] / compute["step_s"] / 1e9)
-    assert "Compute of one local step" in (out / "bench-cpu-quick.md").read_text()
+    assert "Compute of one local step" in text
     batching = compute["user_batching"]
     assert [(r["users"], r["batch_size"]) for r in batching] == [(1, 32), (3, 96)]
     assert batching[0]["speedup_per_sample"] == 1.0
     assert batching[1]["per_batch_s"] == pytest.approx(batching[1]["step_s"] / 3)
-    assert "several users' batches at once" in (out / "bench-cpu-quick.md").read_text()
+    assert "several users' batches at once" in text
+
+
+@pytest.mark.slow
+def test_bench_quick_smoke(fmnist_root, tmp_path):
+    """The whole ``semfl bench --quick`` of these parts, children and all (~1-2 min on 2 cores). In
+    the default suite: test_bench_quick_in_process (the same command and checks, each child's entry
+    point run in this process on a smaller workload) and test_bench_child_process (a real child)."""
+    from semfl.cli import main
+
+    out = tmp_path / "results"
+    code = main(["bench", "--quick", "--only", QUICK_PARTS, "--repeats", "1", "--out", str(out),
+                 "--set", f"data.root={fmnist_root}", "--set", "data.download=false",
+                 "--set", f"classifier.cache_dir={tmp_path / 'cache'}"])
+    assert code == 0
+    _check_quick_bench(out)
+
+
+def test_bench_quick_in_process(fmnist_root, shared_cache, tmp_path, monkeypatch):
+    """``semfl bench --quick`` of the same parts with the same checks as test_bench_quick_smoke, cheaper:
+    one round of 32 samples per user (``--set``), fewer timing repeats of the compute step and a
+    smaller GEMM, and each child's entry point (child_main: --scaling-point, --workers-point) run
+    in this process with the arguments and thread count it would get."""
+    import functools
+    import json
+    import time
+
+    from semfl.cli import main
+    from semfl.experiments.bench import bench, compute
+    from semfl.runtimes.workers import usable_cpus
+
+    children = []
+
+    def in_process(argv, timeout, env_extra=None):
+        assert argv[:2] == ["-m", "semfl.experiments.bench.bench"]
+        children.append((argv[2], env_extra))
+        threads = torch.get_num_threads()
+        tic = time.perf_counter()
+        try:
+            point = json.loads(json.dumps(bench.child_main(argv[2:])))  # what the child would print
+        finally:
+            torch.set_num_threads(threads)  # workers_point sets this process's threads
+        return {**point, "process_s": time.perf_counter() - tic}
+
+    monkeypatch.setattr(bench, "_child", in_process)
+    monkeypatch.setattr(compute, "GEMM_SIZE", 256)
+    monkeypatch.setattr(compute, "compute_profile", functools.partial(compute.compute_profile, steps=2, blocks=2))
+    monkeypatch.setattr(bench, "_EXTRA", [])  # bench() fills it from --set: not left to later tests
+    out = tmp_path / "results"
+    code = main(["bench", "--quick", "--only", QUICK_PARTS, "--repeats", "1", "--out", str(out),
+                 "--set", f"data.root={fmnist_root}", "--set", "data.download=false",
+                 "--set", f"classifier.cache_dir={shared_cache}", "--set", "rounds=1", "--set", "data.max_per_user=32"])
+    assert json.loads((out / "bench-cpu-quick.json").read_text())["errors"] == {}
+    assert code == 0
+    _check_quick_bench(out)
+    cores = {"OMP_NUM_THREADS": str(usable_cpus())}
+    assert children == [("--workers-point", cores)] * 2 + [("--scaling-point", None)] * 4
     assert main(["bench", "--only", "nonsense"]) == 2
+
+
+def test_bench_child_process(fmnist_root, shared_cache):
+    """A benchmark point in a child Python process (bench._child): its JSON line comes back, timed."""
+    from semfl.experiments.bench.bench import _child, workload
+
+    sets = workload(True, "cpu", "fedavg", users=3, per_user=16, rounds=1,
+                    extra=[f"data.root={fmnist_root}", "data.download=false", f"classifier.cache_dir={shared_cache}"])
+    point = _child(["-m", "semfl.experiments.bench.bench", "--scaling-point", *sum((["--set", s] for s in sets), [])], 600)
+    assert point["users"] == 3 and point["rounds"] == 1 and point["round_s"] > 0 and point["process_s"] > point["round_s"]
+    assert point["peak_rss_rounds_mb"] >= point["rss_before_rounds_mb"] > 0
+    with pytest.raises(RuntimeError, match="failed"):
+        _child(["-m", "semfl.experiments.bench.bench"], 600)  # no point named: the child's error is raised
 
 
 def test_five_x_requirement_by_hand():

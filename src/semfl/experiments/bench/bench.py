@@ -478,17 +478,24 @@ def cmd_bench(args) -> int:
     return 0 if not result["errors"] else 1
 
 
-if __name__ == "__main__":  # subprocess entry points used by bench()
-    ap = argparse.ArgumentParser()
+def child_main(argv: list[str]) -> dict:
+    """The subprocess entry points used by bench() (``python -m semfl.experiments.bench.bench``): one
+    measurement in this process, as the dict the child prints as its last stdout line (JSON)."""
+    ap = argparse.ArgumentParser(prog="python -m semfl.experiments.bench.bench")
     ap.add_argument("--scaling-point", action="store_true")
     ap.add_argument("--end-to-end", action="store_true")
     ap.add_argument("--workers-point", action="store_true")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--set", action="append", default=[])
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.scaling_point:
-        print(json.dumps(scaling_point(a.set)))
-    elif a.workers_point:
-        print(json.dumps(workers_point(a.set, a.repeats)))
-    elif a.end_to_end:
-        print(json.dumps(end_to_end(a.set)))
+        return scaling_point(a.set)
+    if a.workers_point:
+        return workers_point(a.set, a.repeats)
+    if a.end_to_end:
+        return end_to_end(a.set)
+    ap.error("one of --scaling-point, --workers-point, --end-to-end is needed")
+
+
+if __name__ == "__main__":
+    print(json.dumps(child_main(sys.argv[1:])))
