@@ -34,7 +34,9 @@ def rows_of(overrides, out, resume=False):
 
 @pytest.fixture
 def short(tiny_overrides):
-    return tiny_overrides + ["rounds=2", "eval.grid_images=0", "eval.snr_sweep=[]", "classifier.epochs=1"]
+    """Two rounds (state carried across rounds) of 3 users with 40 samples each (2 batches)."""
+    return tiny_overrides + ["rounds=2", "eval.grid_images=0", "eval.snr_sweep=[]", "classifier.epochs=1",
+                             "data.max_per_user=40", "data.test_samples=50"]
 
 
 # ---------------------------------------------------------------- serve_users
