@@ -6,9 +6,14 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+# Threads that wait for work sleep rather than spin (read once, when torch loads OpenMP): a test that
+# runs torch on several threads (the workers benchmark's "N threads" setting) then costs its work, not
+# seconds of spinning against the other processes on a 2-core machine. Single-threaded tests: no effect.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs one pytest worker per core: one torch thread each, so they do not oversubscribe

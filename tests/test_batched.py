@@ -257,7 +257,8 @@ def _check_quick_bench(out):
 def test_bench_quick_smoke(fmnist_root, tmp_path):
     """The whole ``semfl bench --quick`` of these parts, children and all (~1-2 min on 2 cores). In
     the default suite: test_bench_quick_in_process (the same command and checks, each child's entry
-    point run in this process on a smaller workload) and test_bench_child_process (a real child)."""
+    point, child_main, run in this process with the child's arguments on a smaller workload) and
+    test_bench_child_process (bench._child: a real child, its environment, JSON line and errors)."""
     from semfl.cli import main
 
     out = tmp_path / "results"
@@ -310,17 +311,17 @@ def test_bench_quick_in_process(fmnist_root, shared_cache, tmp_path, monkeypatch
     assert main(["bench", "--only", "nonsense"]) == 2
 
 
-def test_bench_child_process(fmnist_root, shared_cache):
-    """A benchmark point in a child Python process (bench._child): its JSON line comes back, timed."""
-    from semfl.experiments.bench.bench import _child, workload
+def test_bench_child_process():
+    """bench._child: a child Python in the repository with the extra environment; its last stdout line
+    is its JSON result, timed; a failing child's stderr is raised (here bench's own child entry point,
+    given no measurement to make). The measurements' entry point itself: test_bench_quick_in_process."""
+    from semfl.experiments.bench.bench import REPO, _child
 
-    sets = workload(True, "cpu", "fedavg", users=3, per_user=16, rounds=1,
-                    extra=[f"data.root={fmnist_root}", "data.download=false", f"classifier.cache_dir={shared_cache}"])
-    point = _child(["-m", "semfl.experiments.bench.bench", "--scaling-point", *sum((["--set", s] for s in sets), [])], 600)
-    assert point["users"] == 3 and point["rounds"] == 1 and point["round_s"] > 0 and point["process_s"] > point["round_s"]
-    assert point["peak_rss_rounds_mb"] >= point["rss_before_rounds_mb"] > 0
-    with pytest.raises(RuntimeError, match="failed"):
-        _child(["-m", "semfl.experiments.bench.bench"], 600)  # no point named: the child's error is raised
+    script = "import json, os; print('a log line'); print(json.dumps({'threads': os.environ['OMP_NUM_THREADS'], 'cwd': os.getcwd()}))"
+    point = _child(["-c", script], 60, {"OMP_NUM_THREADS": "3"})
+    assert point["threads"] == "3" and point["cwd"] == str(REPO) and point["process_s"] > 0
+    with pytest.raises(RuntimeError, match="(?s)failed \\(2\\).*one of --scaling-point, --workers-point, --end-to-end"):
+        _child(["-m", "semfl.experiments.bench.bench"], 60)
 
 
 def test_five_x_requirement_by_hand():
