@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from semfl.config import ConfigError, load_config
-from conftest import method_overrides
+from conftest import method_group
 from semfl.methods import available_methods
 from semfl.files import read_jsonl
 from semfl.runtimes.local import LocalTransport, UserStates
@@ -23,7 +23,7 @@ def one_thread():
     """Sequential and worker runs both on one torch thread: then their floats must agree exactly."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    yield before  # the session's thread count
     torch.set_num_threads(before)
 
 
@@ -96,10 +96,17 @@ def test_peek_reads_a_spilled_state_and_keeps_its_file(tmp_path):
 
 
 # ---------------------------------------------------------------- whole runs
-@pytest.mark.parametrize("method", sorted(available_methods()))
-def test_workers_give_the_sequential_metrics(method, short, tmp_path, one_thread):
-    overrides = short + method_overrides(method)
-    sequential = rows_of(overrides + ["engine.workers=1"], tmp_path / "one")
+@pytest.mark.parametrize("method", method_group(sorted(available_methods())))
+def test_workers_give_the_sequential_metrics(method, method_run, tmp_path, one_thread):
+    """The method's short run (conftest's method_run: 3 users, 2 rounds, the final sweep) with 2 worker
+    processes against the same run in this process (engine.workers = 1, the default): made once per
+    session and also compared with Flower (test_flower) when the session runs on one thread; else
+    run again here on one thread."""
+    overrides, rows, _, _ = method_run(method)
+    if one_thread == 1:
+        sequential = [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+    else:
+        sequential = rows_of(overrides + ["engine.workers=1"], tmp_path / "one")
     parallel = rows_of(overrides + ["engine.workers=2"], tmp_path / "two")
     assert parallel == sequential  # exactly: link bits, losses, PSNR, every user's row
 
