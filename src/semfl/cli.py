@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(func=cmd_compare)
 
     verify = command("verify", "check a paper's claims (configs/claims/PAPER.toml): paired differences over seeds "
-                               "with 95 %% intervals and verdicts")
+                               "with 95-per-cent intervals and verdicts")
     verify.add_argument("paper", help="psfl, fedcl, fedsfr, finefed (configs/claims/<paper>.toml) or a claims file")
     verify.add_argument("--runs", help="folder of the claims' sweeps (default: runs/verify/<paper>)")
     verify.add_argument("--seeds", type=int, nargs="+", help="seeds to use (default: the claims file's reporting seeds)")
