@@ -209,11 +209,12 @@ def remove_masks(masked_sum: np.ndarray, survivors: list[int], dropped: list[int
                  b_shares: dict[int, list[bytes]], s_shares: dict[int, list[bytes]]) -> np.ndarray:
     """The sum of the survivors' masked inputs minus their self-masks and the pairwise masks they
     shared with users that dropped after sharing (reconstructed from >= t shares each)."""
+    shamir = _shamir()
     total = masked_sum.copy()
     for v in survivors:
-        total -= prg(_shamir().combine_shares(b_shares[v]), total.size)
+        total -= prg(shamir.combine_shares(b_shares[v]), total.size)
     for v in dropped:
-        secret = _shamir().combine_shares(s_shares[v])
+        secret = shamir.combine_shares(s_shares[v])
         for u in survivors:
             mask = prg(agree(secret, public_s[u], b"mask"), total.size)
             total = total + mask if u > v else total - mask  # u added -mask if u > v, +mask if u < v
