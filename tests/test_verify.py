@@ -150,6 +150,45 @@ def test_verify_reads_runs_and_gives_intervals_and_verdicts(toy, tmp_path, capsy
     assert "Runs: 14 of the 15 the claims need had finished (`--run-missing` runs the others)." in table
 
 
+def test_verify_tables_each_group_with_its_start_objective_and_interval(toy):
+    claims_file, runs = toy
+    assert main(["verify", str(claims_file), "--runs", str(runs)]) == 0
+    doc = json.loads((runs / "verdicts.json").read_text())
+    groups = {g["group"]: g for g in doc["groups"]}
+    # the groups the claims name, in order; a group the sweep lacks (centralised) has no row
+    assert list(groups) == ["psfl__alpha0.9", "fedavg__alpha0.9", "fedavg__alpha0.1"]
+    psfl = groups["psfl__alpha0.9"]
+    assert psfl["seeds"] == [100, 101, 102, 103, 104] and psfl["method"] == "psfl"
+    xs = ACC[("psfl", 0.9)]
+    mean = sum(xs) / 5
+    half = 2.7764451051977987 * math.sqrt(sum((x - mean) ** 2 for x in xs) / 4) / math.sqrt(5)  # t_{0.975, 4}
+    assert psfl["accuracy"] == pytest.approx([mean, mean - half, mean + half])
+    assert psfl["uplink_energy_j"] == pytest.approx([4.0, 4.0, 4.0])  # 2 users x 2 rounds x 1 J, every seed
+    fedavg = groups["fedavg__alpha0.9"]
+    assert fedavg["seeds"] == [100, 101, 102, 103] and fedavg["start"] == "scratch" and fedavg["converged"] == 0
+    table = (runs / "verdicts.md").read_text()
+    assert "#### The groups compared" in table
+    assert f"| 5 (100, 101, 102, 103, 104) | {mean:.4g} [{mean - half:.4g}, {mean + half:.4g}] | 4 [4, 4] | 0 of 5 |" in table
+
+
+def test_group_start_and_objective_cells():
+    from semfl.experiments.stats import mean_interval
+    from semfl.experiments.verify import _start, group_markdown
+
+    assert _start({"method": "psfl", "foundation": {"samples": 5000}}) == "student: scratch; mentors: foundation"
+    assert _start({"method": "psfl", "foundation": {"samples": 0}}) == "scratch"
+    assert _start({"method": "fedavg", "foundation": {"samples": 5000, "global_model": True}}) == "foundation"
+    assert _start({"method": "stc"}) == "scratch"
+    assert mean_interval([0.5]) == (0.5, None, None) and mean_interval([]) == (None, None, None)
+    assert mean_interval([1.0, float("nan"), 3.0])[0] == 2.0  # non-finite values are left out
+    row = {"group": "psfl", "method": "psfl", "arch": "csc", "start": "scratch", "seeds": [1],
+           "objective": "mse + 0.1*KL(a||b) | adam lr=0.002", "accuracy": (0.5, None, None),
+           "uplink_energy_j": (None, None, None), "converged": 1}
+    line = group_markdown([row]).splitlines()[-1]
+    # the objective's own bars are escaped, so the row keeps its 8 cells
+    assert line.count(" | ") == 7 and "KL(a\\|\\|b) \\| adam" in line and "| 0.5 | – | 1 of 1 |" in line
+
+
 def test_verify_seeds_option_and_tuning_warning(toy, capsys):
     claims_file, runs = toy
     assert main(["verify", str(claims_file), "--runs", str(runs), "--seeds", "100", "--claims", "energy"]) == 0

@@ -109,5 +109,18 @@ def paired_difference(a: dict[int, float], b: dict[int, float] | float, directio
                         verdict_of(low, high, direction), notes)
 
 
-__all__ = ["CONFIDENCE", "DIRECTIONS", "HOLDS", "REVERSED", "UNDECIDED", "PairedResult", "paired_difference",
-           "t_quantile", "verdict_of"]
+def mean_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float | None, float | None, float | None]:
+    """(mean, low, high): the Student-t interval of one group's mean over seeds (no interval below 2 values;
+    non-finite values are left out)."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not xs:
+        return None, None, None
+    mean = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return mean, None, None
+    half = t_quantile(confidence, len(xs) - 1) * math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+    return mean, mean - half, mean + half
+
+
+__all__ = ["CONFIDENCE", "DIRECTIONS", "HOLDS", "REVERSED", "UNDECIDED", "PairedResult", "mean_interval",
+           "paired_difference", "t_quantile", "verdict_of"]

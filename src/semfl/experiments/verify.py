@@ -20,7 +20,7 @@ from pathlib import Path
 
 from semfl.config import ConfigError
 from semfl.experiments.claims import Claim, ClaimFile, claims_file, group_matches, load_claims, measure
-from semfl.experiments.stats import CONFIDENCE, paired_difference
+from semfl.experiments.stats import CONFIDENCE, mean_interval, paired_difference
 from semfl.experiments.verdicts import ClaimResult, _seeds_text, evaluate_groups, results_json, verdict_markdown  # noqa: F401
 
 
@@ -143,6 +143,72 @@ def evaluate(studies: list[Study], confidence: float = CONFIDENCE) -> tuple[list
     return results, run_wall, finished
 
 
+def _start(config: dict) -> str:
+    """Where a run's federated model starts: from scratch or from the pretrained foundation."""
+    foundation = config.get("foundation", {})
+    if config.get("method") == "psfl":
+        return "student: scratch; mentors: foundation" if foundation.get("samples") else "scratch"
+    return "foundation" if foundation.get("global_model") else "scratch"
+
+
+def group_rows(studies: list[Study], confidence: float = CONFIDENCE) -> list[dict]:
+    """One row per group the claims name: its start, objective, finished seeds, final accuracy and
+    summed uplink energy (mean and 95 % interval over seeds), and how many of its runs converged."""
+    import json as _json
+
+    from semfl.experiments.runs import load_run
+    from semfl.experiments.sweep import plan
+
+    rows = []
+    for study in studies:
+        plan(study.sweep, study.out)
+        done = {p.label for p in study.sweep.points if p.state == "done"}
+        groups = list(dict.fromkeys(g for c in study.claims for g in c.groups if g not in study.unmatched))
+        for group in groups:
+            runs = [load_run(study.out / p.label) for (g, _), p in sorted(study.points.items(), key=lambda kv: kv[0][1])
+                    if g == group and p.label in done]
+            first = runs[0] if runs else None
+            summaries = [_json.loads((r.path / "summary.json").read_text()) if (r.path / "summary.json").is_file()
+                         else {} for r in runs]
+            objective = next((row.get("train_objective") for row in first.rows if row.get("train_objective")),
+                             None) if first else None
+            rows.append({
+                "study": study.out.name, "group": group, "method": first.method if first else None,
+                "arch": first.config.get("model", {}).get("arch") if first else None,
+                "start": _start(first.config) if first else None, "objective": objective,
+                "seeds": [r.seed for r in runs],
+                "accuracy": mean_interval([measure(r, "accuracy", "global", "final") for r in runs], confidence),
+                "uplink_energy_j": mean_interval([measure(r, "uplink_energy_j", "link_total", "final") for r in runs],
+                                                 confidence),
+                "converged": sum(bool(s.get("converged")) for s in summaries)})
+    return rows
+
+
+def _interval_text(values) -> str:
+    mean, low, high = values
+    if mean is None:
+        return "–"
+    return f"{mean:.4g}" + (f" [{low:.4g}, {high:.4g}]" if low is not None else "")
+
+
+def group_markdown(rows: list[dict]) -> str:
+    """The groups the claims compare, side by side (bounds and contenders in one table)."""
+    lines = ["#### The groups compared", "",
+             "Each group's final global accuracy and summed uplink energy over its finished seeds: mean and 95 % "
+             "Student-t interval of the mean (not paired; the verdicts above pair by seed). *start*: where the "
+             "federated model's weights begin; *objective*: the training loss and optimiser each run stated "
+             "(metrics row 0). *converged*: runs whose global loss flattened (`semfl.convergence`).", "",
+             "| group | method (model) | start | objective | seeds | accuracy [95 % CI] | uplink energy J [95 % CI] "
+             "| converged |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        seeds = f"{len(r['seeds'])} ({_seeds_text(r['seeds'])})" if r["seeds"] else "0"
+        lines.append("| " + " | ".join([
+            f"`{r['group']}`", f"{r['method'] or '–'} ({r['arch'] or '–'})", r["start"] or "–",
+            f"`{r['objective']}`".replace("|", "\\|") if r["objective"] else "–", seeds, _interval_text(r["accuracy"]),
+            _interval_text(r["uplink_energy_j"]), f"{r['converged']} of {len(r['seeds'])}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _command_line(args) -> str:
     parts = ["semfl", "verify", args.paper]
     if args.runs:
@@ -193,7 +259,8 @@ def cmd_verify(args) -> int:
               + ("." if finished == needed or args.run_missing else " (`--run-missing` runs the others)."),
               f"Wall time: {wall:.0f} s for this command; the runs read took {run_wall:.0f} s of their own "
               "(sum of their wall_s)."]
-    markdown = verdict_markdown(results, f"semfl verify {claim_file.paper}", header)
+    groups = group_rows(studies)
+    markdown = verdict_markdown(results, f"semfl verify {claim_file.paper}", header) + "\n" + group_markdown(groups)
     print(markdown)
     out = Path(args.out) if args.out else runs_dir / "verdicts.md"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -201,10 +268,10 @@ def cmd_verify(args) -> int:
     atomic_text(out.with_suffix(".json"), json.dumps(
         {"paper": claim_file.paper, "command": _command_line(args), "seeds": seeds_used,
          "tuning_seeds": claim_file.tuning_seeds, "confidence": CONFIDENCE, "wall_s": wall, "runs_wall_s": run_wall,
-         "claims": results_json(results)}, indent=1))
+         "claims": results_json(results), "groups": groups}, indent=1))
     print(f"verdicts: {out}", file=sys.stderr)
     return 0
 
 
-__all__ = ["Study", "ClaimResult", "plan_studies", "run_missing", "evaluate", "evaluate_groups", "verdict_markdown", "results_json",
+__all__ = ["Study", "ClaimResult", "group_markdown", "group_rows", "plan_studies", "run_missing", "evaluate", "evaluate_groups", "verdict_markdown", "results_json",
            "cmd_verify"]
