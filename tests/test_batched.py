@@ -271,7 +271,8 @@ def test_bench_quick_smoke(fmnist_root, tmp_path):
 
 def test_bench_quick_in_process(fmnist_root, shared_cache, tmp_path, monkeypatch):
     """``semfl bench --quick`` of the same parts with the same checks as test_bench_quick_smoke, cheaper:
-    one round of 32 samples per user (``--set``), fewer timing repeats of the compute step and a
+    one round of 32 samples per user and 20 test images (PSFL's users evaluate their mentor and student
+    on them) (``--set``), fewer timing repeats of the compute step and a
     smaller GEMM, and each child's entry point (child_main: --scaling-point, --workers-point) run
     in this process with the arguments and thread count it would get."""
     import functools
@@ -302,7 +303,7 @@ def test_bench_quick_in_process(fmnist_root, shared_cache, tmp_path, monkeypatch
     out = tmp_path / "results"
     code = main(["bench", "--quick", "--only", QUICK_PARTS, "--repeats", "1", "--out", str(out),
                  "--set", f"data.root={fmnist_root}", "--set", "data.download=false",
-                 "--set", f"classifier.cache_dir={shared_cache}", "--set", "rounds=1", "--set", "data.max_per_user=32"])
+                 "--set", f"classifier.cache_dir={shared_cache}", "--set", "rounds=1", "--set", "data.max_per_user=32", "--set", "data.test_samples=20"])
     assert json.loads((out / "bench-cpu-quick.json").read_text())["errors"] == {}
     assert code == 0
     _check_quick_bench(out)
