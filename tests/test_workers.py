@@ -205,11 +205,33 @@ def test_handlers_may_print_under_a_live_progress_display(deadline, capfd):
     from rich.progress import Progress
 
     # a terminal console: Live then swaps sys.stdout/stderr for proxies that take the console's
-    # lock, which its refresh thread (gone in a fork) may hold when a worker is forked
+    # lock (and the display's), which its
+    # refresh thread (gone in a fork) may hold when a worker is forked. That moment is made certain
+    # here: another thread holds the display's and the console's locks while the workers are forked
+    # (a worker printing through the proxies would wait for them forever: the deadline fails it);
+    # then a few requests race the live refresh thread as it comes
+    import threading
+
     console = Console(force_terminal=True, file=open(os.devnull, "w"))
     with Progress(console=console, refresh_per_second=100) as progress:
         task = progress.add_task("users", total=100)
-        for _ in range(50):
+        held, release = threading.Event(), threading.Event()
+
+        def hold_the_locks():
+            with progress.live._lock, console._lock:
+                held.set()
+                release.wait(60)
+
+        holder = threading.Thread(target=hold_the_locks, daemon=True)
+        holder.start()
+        assert held.wait(60)
+        try:
+            for user, _, _ in serve_users([0, 1], _chatty, workers=2):
+                progress.advance(task)
+        finally:
+            release.set()
+            holder.join()
+        for _ in range(5):
             for user, _, _ in serve_users([0, 1], _chatty, workers=2):
                 progress.advance(task)
     captured = capfd.readouterr()
