@@ -111,15 +111,30 @@ def test_workers_give_the_sequential_metrics(method, method_run, tmp_path, one_t
     assert parallel == sequential  # exactly: link bits, losses, PSNR, every user's row
 
 
-def test_workers_with_a_state_cap_give_the_sequential_metrics(short, tmp_path, one_thread):
-    overrides = short + ["method=psfl", "engine.state_memory_mb=0.01"]  # every idle mentor is spilled
-    sequential = rows_of(overrides + ["engine.workers=1"], tmp_path / "one")
-    assert rows_of(overrides + ["engine.workers=2"], tmp_path / "two") == sequential
+def _sequential_rows(method_run, method, tmp_path, one_thread):
+    """The rows of ``method``'s short run (conftest's method_run) in this process, on one thread."""
+    overrides, rows, _, _ = method_run(method)
+    if one_thread == 1:
+        return overrides, [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+    return overrides, rows_of(overrides + ["engine.workers=1"], tmp_path / "one")
 
 
-def test_killed_mid_round_with_workers_resumes_to_the_same_metrics(short, tmp_path, monkeypatch, one_thread):
-    overrides = short + ["method=stc", "engine.workers=2"]  # STC: users keep residuals across rounds
-    reference = rows_of(overrides, tmp_path / "full")
+@pytest.mark.xdist_group("method-run-psfl")
+def test_workers_with_a_state_cap_give_the_sequential_metrics(method_run, tmp_path, one_thread):
+    """PSFL's short run with 2 workers and every idle mentor spilled to disk against the same run in
+    this process without a cap (conftest's method_run): the cap changes nothing either."""
+    overrides, sequential = _sequential_rows(method_run, "psfl", tmp_path, one_thread)
+    capped = rows_of(overrides + ["engine.workers=2", "engine.state_memory_mb=0.01"], tmp_path / "two")
+    assert capped == sequential
+
+
+@pytest.mark.xdist_group("method-run-stc")
+def test_killed_mid_round_with_workers_resumes_to_the_same_metrics(method_run, tmp_path, monkeypatch, one_thread):
+    """STC's short run (users keep residuals across rounds) with 2 workers, killed mid-round 2 and
+    resumed, against the uninterrupted run in this process (conftest's method_run; with workers it
+    gives the same metrics: test_workers_give_the_sequential_metrics[stc])."""
+    overrides, reference = _sequential_rows(method_run, "stc", tmp_path, one_thread)
+    overrides = overrides + ["engine.workers=2"]
     original = LocalTransport.send
 
     def dying_send(self, users, kind, payload, on_reply=None):
@@ -324,7 +339,10 @@ def test_a_machine_with_a_gpu_refuses_workers(monkeypatch):
 
 
 def test_psfl_loads_the_mentor_foundations_before_forking(short, tmp_path, one_thread):
-    overrides = short + ["method=psfl", "foundation.samples=100", "foundation.epochs=1", "data.user_fraction=0.5"]
+    # one round: the mentors start from their foundations in round 1 (state across rounds with
+    # workers: test_workers_give_the_sequential_metrics)
+    overrides = short + ["method=psfl", "foundation.samples=100", "foundation.epochs=1", "data.user_fraction=0.5",
+                         "rounds=1"]
     logs: list[str] = []
     Runner(load_config(None, overrides + ["engine.workers=2"]), tmp_path / "two", show_progress=False,
            log=logs.append).execute()
