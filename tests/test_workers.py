@@ -294,26 +294,38 @@ def test_a_state_set_back_is_the_most_recently_used(tmp_path):
     assert [p.name for p in tmp_path.glob("state-spill-*/*.pt")] == ["user-1.pt"]
 
 
-def test_workers_die_with_a_killed_parent(tmp_path):
+def test_workers_die_with_a_killed_parent():
+    """A parent of workers (a fork of this process: no interpreter start) is killed without unwinding,
+    so serve_users' cleanup never runs: its workers die with it."""
     import signal
-    import subprocess
-    import sys
+    import threading
 
-    script = tmp_path / "parent.py"
-    script.write_text(
-        "import os, threading, time\n"
-        "from semfl.runtimes.workers import serve_users\n"
-        "def report():\n"
-        "    time.sleep(1.0)\n"
-        "    kids = [p for t in os.listdir('/proc/self/task') for p in open(f'/proc/self/task/{t}/children').read().split()]\n"
-        "    print(' '.join(kids), flush=True)\n"
-        "threading.Thread(target=report, daemon=True).start()\n"
-        "list(serve_users([0, 1], lambda u: time.sleep(60), workers=2))\n")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    pids = [int(p) for p in proc.stdout.readline().split()]
+    read_end, write_end = os.pipe()
+    parent = os.fork()
+    if parent == 0:  # the parent of the workers: never returns, never runs pytest's exit handlers
+        try:
+            os.close(read_end)
+
+            def report():
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    kids = [p for t in os.listdir("/proc/self/task")
+                            for p in open(f"/proc/self/task/{t}/children").read().split()]
+                    if len(kids) >= 2:
+                        break
+                    time.sleep(0.05)
+                os.write(write_end, (" ".join(kids) + "\n").encode())
+
+            threading.Thread(target=report, daemon=True).start()
+            list(serve_users([0, 1], lambda u: time.sleep(60), workers=2))
+        finally:
+            os._exit(1)
+    os.close(write_end)
+    with os.fdopen(read_end) as reader:
+        pids = [int(p) for p in reader.readline().split()]
     assert len(pids) == 2
-    proc.send_signal(signal.SIGKILL)  # no unwinding: serve_users' cleanup never runs
-    proc.wait()
+    os.kill(parent, signal.SIGKILL)  # no unwinding: serve_users' cleanup never runs
+    os.waitpid(parent, 0)
 
     def alive(pid):
         try:
