@@ -219,10 +219,9 @@ def test_handlers_may_print_under_a_live_progress_display(deadline, capfd):
     from rich.console import Console
     from rich.progress import Progress
 
-    # a terminal console: Live then swaps sys.stdout/stderr for proxies that take the console's
-    # lock (and the display's), which its
-    # refresh thread (gone in a fork) may hold when a worker is forked. That moment is made certain
-    # here: another thread holds the display's and the console's locks while the workers are forked
+    # a terminal console: Live then swaps sys.stdout/stderr for proxies that take the console's lock
+    # (and the display's), which its refresh thread (gone in a fork) may hold when a worker is forked.
+    # That moment is made certain here: another thread holds both locks while the workers are forked
     # (a worker printing through the proxies would wait for them forever: the deadline fails it);
     # then a few requests race the live refresh thread as it comes
     import threading
