@@ -97,17 +97,15 @@ def test_config_vmap_field():
         load_config(None, ["train.vmap=on", "train.optimizer=adam"])
 
 
-def test_fedavg_run_vmap_on_equals_off(tiny_overrides, tmp_path):
+@pytest.mark.xdist_group("method-run-fedavg")
+def test_fedavg_run_vmap_on_equals_off(method_run, tmp_path):
     """Whole runs through the local transport: send_batched charges the link as send does and the
-    metrics agree (weights to float tolerance, so losses to ~1e-5)."""
-    rows = {}
-    for mode in ("off", "on"):
-        cfg = load_config(None, tiny_overrides + ["rounds=2", f"train.vmap={mode}", "eval.snr_sweep=[]",
-                                                  "eval.grid_images=0", "data.max_per_user=40"])
-        out = tmp_path / mode
-        Runner(cfg, out, show_progress=False, log=lambda m: None).execute()
-        rows[mode] = read_jsonl(out / "metrics.jsonl")
-    off, on = rows["off"], rows["on"]
+    metrics agree (weights to float tolerance, so losses to ~1e-5). Off: FedAvg's short run (conftest's
+    method_run, whose recording binds no batched handler: each user is trained in turn)."""
+    overrides, off, _, _ = method_run("fedavg")
+    out = tmp_path / "on"
+    Runner(load_config(None, overrides + ["train.vmap=on"]), out, show_progress=False, log=lambda m: None).execute()
+    on = read_jsonl(out / "metrics.jsonl")
     assert len(off) == len(on)
     for a, b in zip(off, on):
         assert set(a) == set(b)
@@ -271,7 +269,8 @@ def test_bench_quick_smoke(fmnist_root, tmp_path):
 
 def test_bench_quick_in_process(fmnist_root, shared_cache, tmp_path, monkeypatch):
     """``semfl bench --quick`` of the same parts with the same checks as test_bench_quick_smoke, cheaper:
-    one round of 32 samples per user (``--set``), fewer timing repeats of the compute step and a
+    one round of 32 samples per user and 20 test images (PSFL's users evaluate their mentor and student
+    on them) (``--set``), fewer timing repeats of the compute step and a
     smaller GEMM, and each child's entry point (child_main: --scaling-point, --workers-point) run
     in this process with the arguments and thread count it would get."""
     import functools
@@ -302,7 +301,7 @@ def test_bench_quick_in_process(fmnist_root, shared_cache, tmp_path, monkeypatch
     out = tmp_path / "results"
     code = main(["bench", "--quick", "--only", QUICK_PARTS, "--repeats", "1", "--out", str(out),
                  "--set", f"data.root={fmnist_root}", "--set", "data.download=false",
-                 "--set", f"classifier.cache_dir={shared_cache}", "--set", "rounds=1", "--set", "data.max_per_user=32"])
+                 "--set", f"classifier.cache_dir={shared_cache}", "--set", "rounds=1", "--set", "data.max_per_user=32", "--set", "data.test_samples=20"])
     assert json.loads((out / "bench-cpu-quick.json").read_text())["errors"] == {}
     assert code == 0
     _check_quick_bench(out)

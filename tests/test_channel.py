@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -226,16 +223,8 @@ def test_kind_validation_and_make_channel():
         ch(_symbols(2, 4), 10.0, draw=Channel("awgn").sample(2, 4, 10.0))
 
 
-def test_sionna_is_imported_at_first_use_and_keeps_torch_rng_state():
-    code = (
-        "import sys, torch; torch.manual_seed(0); a = torch.rand(3); torch.manual_seed(0); "
-        "import semfl.wireless.channel as c; assert 'sionna' not in sys.modules; "  # imported at first use
-        "c.sionna_phy(); assert 'sionna.phy' in sys.modules; b = torch.rand(3); assert torch.equal(a, b), (a, b)"
-    )
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    r = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
+# Sionna imported at first use (not with semfl.wireless.channel) without moving torch's random state:
+# checked in a fresh process by tests/test_config.py::test_fresh_process_knows_method_tables_on_first_load_and_runs_without_optional_packages
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

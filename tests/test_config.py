@@ -180,7 +180,9 @@ def test_fresh_process_knows_method_tables_on_first_load_and_runs_without_option
     # Method modules register their [tables] on import; the very first load_config of a process
     # (before anything imported semfl.methods) must already know them. `make run` installs semfl
     # without its extras: with flwr unimportable a config loads without Sionna, torchmetrics or
-    # flwr (they take seconds), and a PSFL run goes through.
+    # flwr (they take seconds), and a PSFL run goes through. The same fresh process checks that Sionna
+    # is imported at first use (not with semfl.wireless.channel) and leaves torch's random state alone
+    # (tests/test_channel.py's check, here to save a process start).
     script = (
         "import sys\n"
         "class NoFlower:\n"
@@ -197,12 +199,16 @@ def test_fresh_process_knows_method_tables_on_first_load_and_runs_without_option
         "import tomli_w\n"
         "text = tomli_w.dumps({'v': value})[4:].strip()\n"
         "assert getattr(load_config(None, ['method=psfl', f'psfl.{field}={text}']).table('psfl'), field) == value\n"
+        "import torch; torch.manual_seed(0); a = torch.rand(3); torch.manual_seed(0)\n"
+        "import semfl.wireless.channel as c; assert 'sionna' not in sys.modules\n"  # imported at first use
+        "c.sionna_phy(); assert 'sionna.phy' in sys.modules; b = torch.rand(3); assert torch.equal(a, b), (a, b)\n"
         "from semfl.cli import main\n"
         "sys.exit(main(['run', '--out', sys.argv[1]] + [a for o in sys.argv[2:] for a in ('--set', o)]))\n"
     )
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "-c", script, str(out), *tiny_overrides, "method=psfl", "rounds=1",
-                             "users=2", "eval.snr_sweep=[]"], capture_output=True, text=True, timeout=300)
+                             "users=2", "eval.snr_sweep=[]", "data.max_per_user=32", "data.test_samples=20",
+                             "eval.grid_images=2"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "summary.json").is_file()
 

@@ -59,7 +59,8 @@ def test_real_loopback_deployment_matches_local_transport(psfl_overrides, tmp_pa
 
 
 def test_deployment_stops_everything_when_interrupted(psfl_overrides, tmp_path):
-    """Ctrl-C while waiting for the run: every SuperLink/SuperNode process is stopped."""
+    """Ctrl-C while waiting for the run, once the ServerApp runs: every SuperLink/SuperNode process,
+    and the ServerApp/ClientApp processes Flower started detached, are stopped."""
     # a shell's background job starts with SIGINT ignored; Ctrl-C in a terminal uses Python's handler
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     cfg = load_config(None, psfl_overrides + ["rounds=50"])
@@ -74,9 +75,14 @@ def test_deployment_stops_everything_when_interrupted(psfl_overrides, tmp_path):
 
     deployment.wait = wait
 
+    apps: list[str] = []
+
     def interrupt():
         started.wait(120)
-        time.sleep(3)
+        deadline = time.monotonic() + 60
+        while not apps and time.monotonic() < deadline:  # until the SuperLink has started the ServerApp
+            apps.extend(line for line in flower_processes(tmp_path / "run") if "flwr-serverapp" in line)
+            time.sleep(0.2)
         signal.pthread_kill(main_thread, signal.SIGINT)
 
     threading.Thread(target=interrupt, daemon=True).start()
@@ -85,8 +91,10 @@ def test_deployment_stops_everything_when_interrupted(psfl_overrides, tmp_path):
             deployment.execute()
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert started.is_set() and not deployment.processes
-    time.sleep(1)
+    assert started.is_set() and apps and not deployment.processes
+    deadline = time.monotonic() + 1  # what is gone within a second (the detached ServerApp too)
+    while flower_processes(tmp_path / "run") and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not flower_processes(tmp_path / "run")
 
 
@@ -153,10 +161,15 @@ def test_node_keys_are_openssh_p384(tmp_path):
     assert oct(os.stat(private).st_mode & 0o777) == "0o600"
 
 
-def test_certificate_script_signs_a_server_certificate(tmp_path):
+def test_certificate_script_signs_a_server_certificate(tmp_path, monkeypatch):
     from semfl.runtimes.flower.deploy import make_certificates
 
+    monkeypatch.setenv("SEMFL_CERT_RSA_BITS", "2048")  # the script's 4096-bit keys take seconds to find
     folder = make_certificates(tmp_path / "certs")
+    for key in ("ca.key", "server.key"):
+        text = subprocess.run(["openssl", "rsa", "-in", str(folder / key), "-noout", "-text"],
+                              capture_output=True, text=True).stdout
+        assert "(2048 bit" in text, text[:200]
     check = subprocess.run(["openssl", "verify", "-CAfile", str(folder / "ca.crt"), str(folder / "server.pem")],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stderr

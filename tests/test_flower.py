@@ -233,11 +233,15 @@ def test_missing_node_at_start_is_named(flower_overrides, tmp_path):
         run_flower(overrides, tmp_path / "run", grid=grid)
 
 
-def test_resume_after_base_station_crash_matches(flower_overrides, tmp_path):
-    """The base station dies in round 2 after some users trained; the resumed run redoes round 2
-    from the users' round-1 state on their nodes and gives the uninterrupted run's metrics."""
-    overrides = flower_overrides + ["method=psfl", "rounds=3"]
-    reference = run_flower(overrides, tmp_path / "full")
+@pytest.mark.xdist_group("method-run-psfl")
+def test_resume_after_base_station_crash_matches(method_run, flower_overrides, tmp_path):
+    """The base station dies in round 2 (of 2) after some users trained; the resumed run redoes round
+    2 from the users' round-1 state on their nodes and gives the uninterrupted run's metrics and final
+    sweep, users' models fetched from their nodes included. The uninterrupted run: PSFL's short run
+    (conftest's method_run), which test_flower_adapter_matches_local_transport[psfl] checks is the
+    uninterrupted Flower run's."""
+    overrides, reference, _, reference_dir = method_run("psfl")
+    assert load_config(None, overrides).rounds == 2
     original = FlowerTransport.send
 
     def crash(self, users, kind, payload, on_reply=None):
@@ -254,6 +258,9 @@ def test_resume_after_base_station_crash_matches(flower_overrides, tmp_path):
         FlowerTransport.send = original
     resumed = run_flower(overrides, tmp_path / "crashed", resume=True)
     assert_same_metrics(reference, resumed)
+    resumed_sweep = sweep_points(tmp_path / "crashed")
+    assert resumed_sweep and resumed_sweep.keys() == sweep_points(reference_dir).keys()
+    assert resumed_sweep == pytest.approx(sweep_points(reference_dir), rel=1e-6, abs=1e-9, nan_ok=True)
 
 
 def test_node_rejects_a_message_for_another_user(flower_overrides, tmp_path):

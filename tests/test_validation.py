@@ -61,7 +61,8 @@ def test_nonfinite_entries_walks_nested_state():
 def _cfg(fmnist_root: Path, cache: Path, rounds: int):
     return load_config(None, ["log.figures=false", f"data.root={fmnist_root}", f"classifier.cache_dir={cache}", "scale=tiny",
                               "users=5", f"rounds={rounds}", "data.download=false", "data.test_samples=100",
-                              "eval.grid_images=0", "eval.snr_sweep=[]", "classifier.epochs=3", "train.lr=0.05"])
+                              "eval.grid_images=0", "eval.snr_sweep=[]", "classifier.epochs=3", "train.lr=0.05",
+                              "data.max_per_user=48"])
 
 
 def _globals(out: Path) -> list[dict]:

@@ -111,15 +111,30 @@ def test_workers_give_the_sequential_metrics(method, method_run, tmp_path, one_t
     assert parallel == sequential  # exactly: link bits, losses, PSNR, every user's row
 
 
-def test_workers_with_a_state_cap_give_the_sequential_metrics(short, tmp_path, one_thread):
-    overrides = short + ["method=psfl", "engine.state_memory_mb=0.01"]  # every idle mentor is spilled
-    sequential = rows_of(overrides + ["engine.workers=1"], tmp_path / "one")
-    assert rows_of(overrides + ["engine.workers=2"], tmp_path / "two") == sequential
+def _sequential_rows(method_run, method, tmp_path, one_thread):
+    """The rows of ``method``'s short run (conftest's method_run) in this process, on one thread."""
+    overrides, rows, _, _ = method_run(method)
+    if one_thread == 1:
+        return overrides, [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+    return overrides, rows_of(overrides + ["engine.workers=1"], tmp_path / "one")
 
 
-def test_killed_mid_round_with_workers_resumes_to_the_same_metrics(short, tmp_path, monkeypatch, one_thread):
-    overrides = short + ["method=stc", "engine.workers=2"]  # STC: users keep residuals across rounds
-    reference = rows_of(overrides, tmp_path / "full")
+@pytest.mark.xdist_group("method-run-psfl")
+def test_workers_with_a_state_cap_give_the_sequential_metrics(method_run, tmp_path, one_thread):
+    """PSFL's short run with 2 workers and every idle mentor spilled to disk against the same run in
+    this process without a cap (conftest's method_run): the cap changes nothing either."""
+    overrides, sequential = _sequential_rows(method_run, "psfl", tmp_path, one_thread)
+    capped = rows_of(overrides + ["engine.workers=2", "engine.state_memory_mb=0.01"], tmp_path / "two")
+    assert capped == sequential
+
+
+@pytest.mark.xdist_group("method-run-stc")
+def test_killed_mid_round_with_workers_resumes_to_the_same_metrics(method_run, tmp_path, monkeypatch, one_thread):
+    """STC's short run (users keep residuals across rounds) with 2 workers, killed mid-round 2 and
+    resumed, against the uninterrupted run in this process (conftest's method_run; with workers it
+    gives the same metrics: test_workers_give_the_sequential_metrics[stc])."""
+    overrides, reference = _sequential_rows(method_run, "stc", tmp_path, one_thread)
+    overrides = overrides + ["engine.workers=2"]
     original = LocalTransport.send
 
     def dying_send(self, users, kind, payload, on_reply=None):
@@ -204,12 +219,33 @@ def test_handlers_may_print_under_a_live_progress_display(deadline, capfd):
     from rich.console import Console
     from rich.progress import Progress
 
-    # a terminal console: Live then swaps sys.stdout/stderr for proxies that take the console's
-    # lock, which its refresh thread (gone in a fork) may hold when a worker is forked
+    # a terminal console: Live then swaps sys.stdout/stderr for proxies that take the console's lock
+    # (and the display's), which its refresh thread (gone in a fork) may hold when a worker is forked.
+    # That moment is made certain here: another thread holds both locks while the workers are forked
+    # (a worker printing through the proxies would wait for them forever: the deadline fails it);
+    # then a few requests race the live refresh thread as it comes
+    import threading
+
     console = Console(force_terminal=True, file=open(os.devnull, "w"))
     with Progress(console=console, refresh_per_second=100) as progress:
         task = progress.add_task("users", total=100)
-        for _ in range(50):
+        held, release = threading.Event(), threading.Event()
+
+        def hold_the_locks():
+            with progress.live._lock, console._lock:
+                held.set()
+                release.wait(60)
+
+        holder = threading.Thread(target=hold_the_locks, daemon=True)
+        holder.start()
+        assert held.wait(60)
+        try:
+            for user, _, _ in serve_users([0, 1], _chatty, workers=2):
+                progress.advance(task)
+        finally:
+            release.set()
+            holder.join()
+        for _ in range(5):
             for user, _, _ in serve_users([0, 1], _chatty, workers=2):
                 progress.advance(task)
     captured = capfd.readouterr()
@@ -257,26 +293,38 @@ def test_a_state_set_back_is_the_most_recently_used(tmp_path):
     assert [p.name for p in tmp_path.glob("state-spill-*/*.pt")] == ["user-1.pt"]
 
 
-def test_workers_die_with_a_killed_parent(tmp_path):
+def test_workers_die_with_a_killed_parent():
+    """A parent of workers (a fork of this process: no interpreter start) is killed without unwinding,
+    so serve_users' cleanup never runs: its workers die with it."""
     import signal
-    import subprocess
-    import sys
+    import threading
 
-    script = tmp_path / "parent.py"
-    script.write_text(
-        "import os, threading, time\n"
-        "from semfl.runtimes.workers import serve_users\n"
-        "def report():\n"
-        "    time.sleep(1.0)\n"
-        "    kids = [p for t in os.listdir('/proc/self/task') for p in open(f'/proc/self/task/{t}/children').read().split()]\n"
-        "    print(' '.join(kids), flush=True)\n"
-        "threading.Thread(target=report, daemon=True).start()\n"
-        "list(serve_users([0, 1], lambda u: time.sleep(60), workers=2))\n")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    pids = [int(p) for p in proc.stdout.readline().split()]
+    read_end, write_end = os.pipe()
+    parent = os.fork()
+    if parent == 0:  # the parent of the workers: never returns, never runs pytest's exit handlers
+        try:
+            os.close(read_end)
+
+            def report():
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    kids = [p for t in os.listdir("/proc/self/task")
+                            for p in open(f"/proc/self/task/{t}/children").read().split()]
+                    if len(kids) >= 2:
+                        break
+                    time.sleep(0.05)
+                os.write(write_end, (" ".join(kids) + "\n").encode())
+
+            threading.Thread(target=report, daemon=True).start()
+            list(serve_users([0, 1], lambda u: time.sleep(60), workers=2))
+        finally:
+            os._exit(1)
+    os.close(write_end)
+    with os.fdopen(read_end) as reader:
+        pids = [int(p) for p in reader.readline().split()]
     assert len(pids) == 2
-    proc.send_signal(signal.SIGKILL)  # no unwinding: serve_users' cleanup never runs
-    proc.wait()
+    os.kill(parent, signal.SIGKILL)  # no unwinding: serve_users' cleanup never runs
+    os.waitpid(parent, 0)
 
     def alive(pid):
         try:
@@ -302,7 +350,10 @@ def test_a_machine_with_a_gpu_refuses_workers(monkeypatch):
 
 
 def test_psfl_loads_the_mentor_foundations_before_forking(short, tmp_path, one_thread):
-    overrides = short + ["method=psfl", "foundation.samples=100", "foundation.epochs=1", "data.user_fraction=0.5"]
+    # one round: the mentors start from their foundations in round 1 (state across rounds with
+    # workers: test_workers_give_the_sequential_metrics)
+    overrides = short + ["method=psfl", "foundation.samples=100", "foundation.epochs=1", "data.user_fraction=0.5",
+                         "rounds=1"]
     logs: list[str] = []
     Runner(load_config(None, overrides + ["engine.workers=2"]), tmp_path / "two", show_progress=False,
            log=logs.append).execute()
