@@ -230,3 +230,19 @@ def finished_run(fmnist_root, tmp_path_factory):
             made[key] = Runner(cfg, out, show_progress=False, log=lambda m: None).execute()
         return made[key]
     return make
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Make ``xdist_group`` marks group under ``--dist loadgroup`` with pytest >= 9: pytest-xdist 3.8
+    tags a grouped test by setting ``item._nodeid``, which pytest 9 no longer reads (``Node.nodeid`` is
+    ``str(item._id)``), so every group was silently split across workers and the fixtures a group
+    shares were made once per worker. Same suffix as xdist's (``<nodeid>@<group>``); a no-op where
+    xdist's own tagging took effect, and outside loadgroup workers."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        if names and "@" not in item.nodeid and hasattr(item, "_id"):
+            object.__setattr__(item._id, "_str_cache", f"{item.nodeid}@{'_'.join(names)}")

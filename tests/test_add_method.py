@@ -18,7 +18,7 @@ def _example_module() -> str:
     return module
 
 
-def test_the_documented_method_runs_as_a_plugin(tmp_path, tiny_overrides):
+def test_the_documented_method_runs_as_a_plugin(tmp_path, tiny_overrides, monkeypatch):
     package = tmp_path / "site" / "toy_semfl"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
@@ -31,15 +31,31 @@ def test_the_documented_method_runs_as_a_plugin(tmp_path, tiny_overrides):
     out = tmp_path / "run"
     args = [a for o in tiny_overrides + ["method=toy-mean", "rounds=2", "toy.scale=1.0", "eval.snr_sweep=[]",
                                           "eval.grid_images=0"] for a in ("--set", o)]
-    done = subprocess.run([sys.executable, "-m", "semfl.cli", "run", "--out", str(out), *args],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    # a new process, as a user starts it: `import semfl.methods` finds the entry point by itself, and
+    # the toy's own table check answers (only the plugin knows toy.scale)
+    bad = subprocess.run([sys.executable, "-m", "semfl.cli", "run", "--out", str(tmp_path / "bad"),
+                          *args, "--set", "toy.scale=-1"], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "toy.scale: must be > 0" in bad.stderr, bad.stderr[-2000:]
+
+    # the run itself in this process (no second torch import): the same discovery, load_plugins(), which
+    # `import semfl.methods` calls, on registries restored after the test (no toy-mean left behind)
+    import semfl.config
+    import semfl.protocol.method
+    from semfl.cli import main
+    from semfl.methods import load_plugins
+
+    for module, name in ((semfl.protocol.method, "_METHODS"), (semfl.config, "_METHOD_TABLES"),
+                         (semfl.config, "_METHOD_READS")):
+        monkeypatch.setattr(module, name, dict(getattr(module, name)))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    try:
+        assert "toy_semfl.toy" in load_plugins()
+        assert main(["run", "--quiet", "--out", str(out), *args]) == 0
+    finally:
+        for name in ("toy_semfl.toy", "toy_semfl"):
+            sys.modules.pop(name, None)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["scope"] == "global"]
     assert len(losses) == 3 and losses[-1] < losses[0]  # the averaged user mean is closer than zeros
     uplink = [r["uplink_bits"] for r in rows if r["scope"] == "link"]
     assert uplink and all(bits > 0 for bits in uplink)  # the transport charged the toy's replies
-
-    bad = subprocess.run([sys.executable, "-m", "semfl.cli", "run", "--out", str(tmp_path / "bad"),
-                          *args, "--set", "toy.scale=-1"], env=env, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "toy.scale: must be > 0" in bad.stderr

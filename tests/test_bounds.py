@@ -117,7 +117,7 @@ def test_every_contender_can_start_from_psfls_foundation(overrides, method):
 def test_bounds_resume_to_the_uninterrupted_run(overrides, tmp_path, monkeypatch, bound):
     from conftest import whole_and_resumed
 
-    cfg = load_config(None, overrides + [f"method={bound.name}", "rounds=2"])
+    cfg = load_config(None, overrides + [f"method={bound.name}", "rounds=2", "data.max_per_user=48", "data.test_samples=50"])
     whole, resumed = whole_and_resumed(cfg, tmp_path, monkeypatch, bound, "run_round", 2,
                                        ("round", "scope", "user", "loss", "accuracy", "uplink_bits", "downlink_bits"))
     assert whole == resumed

@@ -17,6 +17,9 @@ from semfl.protocol.checkpoint import save_checkpoint
 from semfl.runtimes.run import RunError
 from semfl.training import evaluate_semantic
 
+# these tests (and tests/test_docs_use_model.py) read finished_run's runs: one worker makes each once
+pytestmark = pytest.mark.xdist_group("finished-runs")
+
 
 def rows_of(run_dir: Path, round_: int, scope: str = "global") -> list[dict]:
     return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["round"] == round_ and r["scope"] == scope]

@@ -8,12 +8,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from semfl.cli import main
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "use-a-trained-model.md"
 RUN = "runs/quickstart-psfl-s0"
+pytestmark = pytest.mark.xdist_group("finished-runs")  # finished_run("psfl"), which tests/test_codec_api.py reads too
 
 
 def blocks(kind: str) -> list[str]:

@@ -33,8 +33,29 @@ def test_foundation_options_are_checked():
         load_config(None, ["method=fedavg", "foundation.global_model=true"])
 
 
+@pytest.fixture(scope="module")
+def classifier_files(fmnist_root, shared_cache):
+    """The frozen classifier of these tests' runs (classifier.epochs=3, tiny_overrides' own), trained
+    once into the session cache. Each test copies it into a cache folder of its own (own_cache), so
+    the foundation mentors it trains, loads or tears are still its own."""
+    cfg = load_config(None, [f"data.root={fmnist_root}", f"classifier.cache_dir={shared_cache}", "scale=tiny",
+                             "data.download=false", "classifier.epochs=3"])
+    build_context(cfg, None, log=lambda m: None, with_user_data=False)
+    return sorted(shared_cache.glob("classifier-*.pt"))
+
+
+def own_cache(classifier_files, cache):
+    import shutil
+
+    cache.mkdir(parents=True, exist_ok=True)
+    for path in classifier_files:
+        shutil.copy(path, cache / path.name)
+    return cache
+
+
 @pytest.fixture
-def tiny_run(fmnist_root, tmp_path):
+def tiny_run(fmnist_root, tmp_path, classifier_files):
+    own_cache(classifier_files, tmp_path / "cache")
     overrides = [f"data.root={fmnist_root}", f"classifier.cache_dir={tmp_path / 'cache'}", "scale=tiny",
                  "data.download=false", "data.test_samples=100", "classifier.epochs=3", "method=psfl", "users=3",
                  "data.user_fraction=0.2", "foundation.samples=300", "foundation.epochs=4"]
@@ -96,11 +117,11 @@ def test_psfl_mentors_start_from_the_foundation(tiny_run):
     assert all(torch.equal(start[k], expected[k]) for k in expected)
 
 
-def test_global_model_from_the_foundation_only_when_asked(fmnist_root, tmp_path):
+def test_global_model_from_the_foundation_only_when_asked(fmnist_root, tmp_path, classifier_files):
     from semfl.methods.fedavg import FedAvg
 
-    overrides = [f"data.root={fmnist_root}", f"classifier.cache_dir={tmp_path / 'cache'}", "scale=tiny",
-                 "data.download=false", "data.test_samples=50", "classifier.epochs=2", "method=fedavg", "users=2",
+    overrides = [f"data.root={fmnist_root}", f"classifier.cache_dir={own_cache(classifier_files, tmp_path / 'cache')}",
+                 "scale=tiny", "data.download=false", "data.test_samples=50", "classifier.epochs=3", "method=fedavg", "users=2",
                  "model.arch=gsc-m", "data.user_fraction=0.2", "foundation.samples=200", "foundation.epochs=1"]
     cfg = load_config(None, overrides + ["foundation.global_model=true"])
     run, _ = build_context(cfg, None, log=lambda m: None)
@@ -113,13 +134,13 @@ def test_global_model_from_the_foundation_only_when_asked(fmnist_root, tmp_path)
     assert not all(torch.equal(scratch[k], expected[k]) for k in expected)
 
 
-def test_psfl_metrics_do_not_depend_on_whether_the_foundation_was_cached(fmnist_root, tmp_path):
+def test_psfl_metrics_do_not_depend_on_whether_the_foundation_was_cached(fmnist_root, tmp_path, classifier_files):
     from semfl.files import read_jsonl
     from semfl.runtimes.run import Runner
 
-    overrides = [f"data.root={fmnist_root}", f"classifier.cache_dir={tmp_path / 'cache'}", "scale=tiny",
-                 "data.download=false", "data.test_samples=50", "classifier.epochs=2", "method=psfl", "users=2",
-                 "rounds=2", "data.user_fraction=0.2", "foundation.samples=100", "foundation.epochs=1",
+    overrides = [f"data.root={fmnist_root}", f"classifier.cache_dir={own_cache(classifier_files, tmp_path / 'cache')}",
+                 "scale=tiny", "data.download=false", "data.test_samples=50", "classifier.epochs=3", "method=psfl", "users=2",
+                 "rounds=1", "data.user_fraction=0.2", "foundation.samples=100", "foundation.epochs=1",
                  "eval.snr_sweep=[]", "eval.grid_images=0", "psfl.user_eval_samples=20"]
     rows = []
     for name in ("trains-it", "loads-it"):

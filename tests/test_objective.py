@@ -86,14 +86,14 @@ def test_paper_objective_preset_states_unit_weights_and_sgd():
     assert get_method("fedavg").objective(contender).comparable(psfl)
 
 
-def test_paper_objective_preset_runs_on_a_dataset_smaller_than_table_i(fmnist_root, tmp_path):
+def test_paper_objective_preset_runs_on_a_dataset_smaller_than_table_i(fmnist_root, tmp_path, shared_cache):
     """The preset as shipped (9 users, Table I volumes summing to 50,000) on the 800-image fixture:
     the sizes are scaled to fit, and one tiny round of PSFL with unit weights and SGD runs."""
     from semfl.files import read_jsonl
     from semfl.runtimes.run import Runner
 
     cfg = load_config(CONFIGS / "psfl" / "paper-objective.toml", [
-        f"data.root={fmnist_root}", "data.download=false", f"classifier.cache_dir={tmp_path / 'cache'}",
+        f"data.root={fmnist_root}", "data.download=false", f"classifier.cache_dir={shared_cache}",
         "classifier.epochs=1", "scale=tiny", "rounds=1", "data.test_samples=50", "psfl.user_eval_samples=20",
         "foundation.samples=100", "foundation.epochs=1", "eval.snr_sweep=[]", "eval.grid_images=0"])
     logs = []

@@ -95,11 +95,12 @@ def test_config_rejects_bf16_where_it_is_not_implemented(tiny_overrides):
 @pytest.mark.parametrize("method", ["fedavg", "psfl"])
 def test_bf16_runs_are_deterministic_and_learn(tiny_overrides, tmp_path, method):
     """Two runs give the same rows; the global model beats its round-0 self after three rounds of 3
-    users with 48 samples each (CPU bf16 kernels are slow: no more data than that needs; PSFL's
-    third round regrows pruned weights, which two rounds do not reach)."""
+    users with 48 samples each, 32 for PSFL (CPU bf16 kernels are slow: no more data than that needs;
+    PSFL's third round regrows pruned weights, which two rounds do not reach; measured PSFL: 7.19 dB at
+    round 0, 7.28, 7.36, 7.46 dB after rounds 1-3, loss falling every round)."""
     sets = tiny_overrides + [f"method={method}", "train.precision=bf16", "rounds=3", "eval.snr_sweep=[]",
                              "eval.grid_images=0", "data.max_per_user=48"]
-    sets += ["psfl.user_eval_samples=20"] if method == "psfl" else []
+    sets += ["psfl.user_eval_samples=20", "data.max_per_user=32"] if method == "psfl" else []
     rows = []
     for name in ("a", "b"):
         Runner(load_config(None, sets), tmp_path / name, show_progress=False, log=lambda m: None).execute()

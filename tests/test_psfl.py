@@ -12,6 +12,9 @@ from semfl.methods.psfl.agp import prune_ratio
 from semfl.files import read_jsonl
 from semfl.runtimes.run import Runner
 
+# the tests that read plain_run share it: one worker makes it once
+pytestmark = pytest.mark.xdist_group("psfl-plain-run")
+
 TABLE_I = [1854, 3703, 4429, 4783, 5467, 5634, 5891, 8958, 9281]
 
 
@@ -56,6 +59,10 @@ def test_psfl_config_errors():
         load_config(None, ["method=psfl", "users=1", "psfl.mentors=['gsc-x']"])
     with pytest.raises(ConfigError, match=r"^psfl.zeta_max"):
         load_config(None, ["psfl.zeta_max=1.5"])
+
+
+# the runs that test_mentor_and_student_rows does not look at draw no figures (seconds each)
+NO_FIGURES = ["log.figures=false", "eval.snr_sweep=[]", "eval.grid_images=0"]
 
 
 def psfl_run(overrides, out, extra=()):
@@ -140,7 +147,7 @@ def test_masked_weights_stay_zero_in_user_update(plain_run):
 
 def test_without_agp_sends_dense(plain_run):
     overrides, _, rows, tmp = plain_run
-    _, ablated = psfl_run(overrides, tmp / "no-agp", ["psfl.agp=false", "rounds=1"])
+    _, ablated = psfl_run(overrides, tmp / "no-agp", ["psfl.agp=false", "rounds=1", *NO_FIGURES])
     g = [r for r in ablated if r["scope"] == "global" and r["round"] == 1][0]
     pruned = [r for r in rows if r["scope"] == "global" and r["round"] == 1][0]
     assert g["prune_ratio"] == 0.0
@@ -149,7 +156,7 @@ def test_without_agp_sends_dense(plain_run):
 
 def test_secure_aggregation_matches_plain_sum(plain_run):
     overrides, _, rows, tmp = plain_run
-    _, secure = psfl_run(overrides, tmp / "secagg", ["psfl.secure_aggregation=true", "rounds=1"])
+    _, secure = psfl_run(overrides, tmp / "secagg", ["psfl.secure_aggregation=true", "rounds=1", *NO_FIGURES])
     plain = [r for r in rows if r["scope"] == "global" and r["round"] == 1][0]
     sec = [r for r in secure if r["scope"] == "global" and r["round"] == 1][0]
     # the base station recovers the same weighted average (fixed point, 24 fractional bits)
@@ -166,7 +173,7 @@ def test_dp_reports_growing_epsilon(plain_run):
     # 2 of the 3 users per round: a fixed-size draw, which the accountant may not treat as Poisson
     # sampling at q = 2/3, so ε must be that of every round with q = 1
     _, rows = psfl_run(overrides, tmp / "dp", ["psfl.dp=true", "psfl.dp_noise_multiplier=1.0", "rounds=2",
-                                               "train.participation=0.6"])
+                                               "train.participation=0.6", *NO_FIGURES])
     eps = [r["epsilon"] for r in rows if r["scope"] == "global" and r["round"] > 0]
     assert len(eps) == 2 and 0 < eps[0] < eps[1]
     full = PrivacyAccountant(1.0, 1e-5, 1.0)

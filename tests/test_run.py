@@ -12,6 +12,9 @@ from semfl.files import read_jsonl
 from semfl.runtimes.local import LocalTransport
 from semfl.runtimes.run import Runner
 
+# the tests that compare with the default tiny run share it (default_run): one worker makes it once
+pytestmark = pytest.mark.xdist_group("run-default-tiny")
+
 REQUIRED_LINK = ("uplink_bits", "downlink_bits", "uplink_energy_j", "downlink_energy_j", "uplink_delay_s", "snr_db")
 
 
@@ -25,20 +28,33 @@ def run(overrides: list[str], out: Path, resume: bool = False) -> list[dict]:
     return read_jsonl(out / "metrics.jsonl")
 
 
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """default_run(overrides) -> the stable rows of one run of ``overrides`` (tiny_overrides), made once
+    per module (and worker) whichever test asks first."""
+    made: dict[tuple, list[dict]] = {}
+
+    def get(overrides: list[str]) -> list[dict]:
+        if tuple(overrides) not in made:
+            made[tuple(overrides)] = stable(run(overrides, tmp_path_factory.mktemp("default") / "run"))
+        return made[tuple(overrides)]
+    return get
+
+
 def test_run_directory_and_metrics_contract(tiny_overrides, tmp_path):
     out = tmp_path / "run"
-    rows = run(tiny_overrides + ["rounds=4", "log.figures=true"], out)
+    rows = run(tiny_overrides + ["rounds=2", "log.figures=true"], out)
     for name in ("config.toml", "metrics.jsonl", "partition.json", "checkpoint/state.pt", "report.html",
                  "figures/global_metrics.png", "figures/link_per_round.png", "figures/reconstructions.png",
                  "figures/snr_sweep.png", "figures/partition.png"):
         assert (out / name).is_file(), name
     assert all({"round", "method", "scope"} <= set(r) for r in rows)
     globals_ = [r for r in rows if r["scope"] == "global"]
-    assert [r["round"] for r in globals_] == [0, 1, 2, 3, 4]
+    assert [r["round"] for r in globals_] == [0, 1, 2]
     for key in ("loss", "accuracy", "psnr_db", "ssim"):
         assert all(key in r for r in globals_)
     links = [r for r in rows if r["scope"] == "link"]
-    assert len(links) == 4 * 3
+    assert len(links) == 2 * 3
     assert all(set(REQUIRED_LINK) <= set(r) for r in links)
     # the same dense model goes down to every user each round: downlink bits are identical
     assert len({r["downlink_bits"] for r in links}) == 1
@@ -47,29 +63,30 @@ def test_run_directory_and_metrics_contract(tiny_overrides, tmp_path):
     assert "<img" in (out / "report.html").read_text()
     # log.figures = false: the same metrics and report tables, no figure drawn
     bare = tmp_path / "bare"
-    assert stable(run(tiny_overrides + ["rounds=4", "log.figures=false"], bare)) == stable(rows)
+    assert stable(run(tiny_overrides + ["rounds=2", "log.figures=false"], bare)) == stable(rows)
     assert not (bare / "figures").exists() or not list((bare / "figures").glob("*.png"))
     report = (bare / "report.html").read_text()
     assert "<img" not in report and "not drawn (log.figures = false)" in report and "Global metrics per round" in report
 
 
 def test_fedavg_improves(tiny_overrides, tmp_path):
-    rows = run(tiny_overrides + ["rounds=6", "train.local_epochs=2"], tmp_path / "run")
+    # measured: 7.2 dB at round 0, 10.3 dB after 3 rounds of 2 local epochs
+    rows = run(tiny_overrides + ["rounds=3", "train.local_epochs=2"], tmp_path / "run")
     globals_ = [r for r in rows if r["scope"] == "global"]
     assert globals_[-1]["psnr_db"] > globals_[0]["psnr_db"] + 1.0
     assert globals_[-1]["loss"] < globals_[0]["loss"]
 
 
-def test_same_seed_same_metrics_other_seed_differs(tiny_overrides, tmp_path):
-    a = stable(run(tiny_overrides, tmp_path / "a"))
+def test_same_seed_same_metrics_other_seed_differs(tiny_overrides, tmp_path, default_run):
+    a = default_run(tiny_overrides)
     b = stable(run(tiny_overrides, tmp_path / "b"))
     c = stable(run(tiny_overrides + ["seed=1"], tmp_path / "c"))
     assert a == b
     assert a != c
 
 
-def test_resume_after_kill_matches_uninterrupted(tiny_overrides, tmp_path, monkeypatch):
-    reference = stable(run(tiny_overrides, tmp_path / "full"))
+def test_resume_after_kill_matches_uninterrupted(tiny_overrides, tmp_path, monkeypatch, default_run):
+    reference = default_run(tiny_overrides)
     original = LocalTransport.send
     calls = {"n": 0}
 

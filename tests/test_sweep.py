@@ -109,7 +109,9 @@ name = "tiny"
 method = ["fedavg", "psfl"]
 seed = [0, 1]
 """)
-    return path, tiny_overrides + ["users=2", "rounds=2", "eval.snr_sweep=[10.0]", "eval.grid_images=2"]
+    # small points (48 images a user, 50 test images): the test is about the sweep's bookkeeping
+    return path, tiny_overrides + ["users=2", "rounds=2", "eval.snr_sweep=[10.0]", "eval.grid_images=2",
+                                   "data.max_per_user=48", "data.test_samples=50", "psfl.user_eval_samples=20"]
 
 
 def test_tiny_sweep_runs_skips_resumes_and_compares(tiny_sweep, tmp_path, monkeypatch):
@@ -147,7 +149,7 @@ def test_tiny_sweep_runs_skips_resumes_and_compares(tiny_sweep, tmp_path, monkey
         return execute(self)
 
     monkeypatch.setattr(Runner, "execute", counting)
-    assert main(args) == 0
+    assert main(args + ["--no-compare"]) == 0  # the comparison of the finished sweep: the 3rd call's
     assert calls == [("fedavg__s0", True)]
     doc = json.loads((out / "sweep.json").read_text())
     assert {p["label"]: (p["state"], p["status"]) for p in doc["points"]} == {
@@ -249,7 +251,8 @@ seed = [0, 1]
 "fedavg" = ["method=fedavg"]
 "bad" = ["method=psfl", "foundation.samples=100000"]  # fails inside the worker, at mentor set-up
 """)
-    overrides = tiny_overrides + ["users=2", "rounds=2", "eval.snr_sweep=[]", "eval.grid_images=0"]
+    overrides = tiny_overrides + ["users=2", "rounds=2", "eval.snr_sweep=[]", "eval.grid_images=0",
+                                  "data.max_per_user=32", "data.test_samples=50"]  # small points: the processes are tested
     # same thread count on both sides: metrics are bit-identical only for equal thread counts
     base = ["sweep", str(path), "--quiet", "--no-compare"] + sets(overrides + ["train.vmap=off"])
     import torch

@@ -16,6 +16,28 @@ def tiny_run(overrides, out, extra):
     return Runner(cfg, out, show_progress=False, log=lambda m: None).execute()
 
 
+@pytest.fixture(scope="module")
+def migrated_db(tmp_path_factory):
+    """An empty MLflow SQLite store, made once: creating one runs MLflow's ~50 schema migrations
+    (seconds); each test copies it, so it still starts from an empty store of its own."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def sqlite_store(migrated_db, tmp_path) -> str:
+    import shutil
+
+    shutil.copy(migrated_db, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+# the tests that copy migrated_db: one worker makes it once
+MLFLOW_SQLITE = pytest.mark.xdist_group("mlflow-sqlite-store")
+
+
 def test_scalars_name_rows_by_scope():
     assert scalars({"round": 3, "method": "fedavg", "scope": "global", "psnr_db": 20.5, "violations": 0,
                     "mentors": "gsc-m", "flag": True}) == {"global/psnr_db": 20.5, "global/violations": 0.0}
@@ -44,11 +66,12 @@ def test_tensorboard_events_hold_every_metrics_row(tiny_overrides, tmp_path):
     assert image.step == 2 and image.width > 100 and image.height > 100  # the reconstruction grid
 
 
-@pytest.mark.parametrize("store", ["sqlite", "file"])
-def test_mlflow_run_holds_params_metrics_and_artefacts(tiny_overrides, tmp_path, store):
+@pytest.mark.parametrize("store", [pytest.param("sqlite", marks=MLFLOW_SQLITE), "file"])
+def test_mlflow_run_holds_params_metrics_and_artefacts(tiny_overrides, tmp_path, store, request):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}" if store == "sqlite" else (tmp_path / "mlruns").as_uri()
+    uri = sqlite_store(request.getfixturevalue("migrated_db"), tmp_path) if store == "sqlite" else \
+        (tmp_path / "mlruns").as_uri()
     run_dir = tiny_run(tiny_overrides, tmp_path / "run", [f"log.mlflow_uri={uri}", "log.mlflow_experiment=tests",
                                                                 "log.figures=true"])
     client = MlflowClient(tracking_uri=uri)
@@ -66,10 +89,11 @@ def test_mlflow_run_holds_params_metrics_and_artefacts(tiny_overrides, tmp_path,
     assert run.info.artifact_uri.startswith(tmp_path.as_uri())  # beside the store, not in the working folder
 
 
-def test_each_sweep_point_is_its_own_mlflow_run(tiny_overrides, tmp_path):
+@MLFLOW_SQLITE
+def test_each_sweep_point_is_its_own_mlflow_run(tiny_overrides, tmp_path, migrated_db):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(migrated_db, tmp_path)
     sweep = tmp_path / "sweep.toml"
     sweep.write_text('rounds = 1\n[sweep]\nname = "two-seeds"\nseed = [0, 1]\n')
     sets = [a for o in tiny_overrides + ["data.max_per_user=60", f"log.mlflow_uri={uri}"] for a in ("--set", o)]

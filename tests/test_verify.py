@@ -223,7 +223,8 @@ direction = "less"
 """)
     runs = tmp_path / "runs"
     args = ["verify", str(claims), "--runs", str(runs), "--run-missing"]
-    args += sum((["--set", s] for s in tiny_overrides + ["users=2", "rounds=1", "eval.snr_sweep=[]"]), [])
+    args += sum((["--set", s] for s in tiny_overrides + ["users=2", "rounds=1", "eval.snr_sweep=[]",
+                                                       "data.max_per_user=32", "data.test_samples=50", "classifier.epochs=1"]), [])
     assert main(args) == 0
     assert sorted(p.name for p in (runs / "real").iterdir() if p.is_dir()) == ["fedavg__s1", "fedavg__s2",
                                                                                 "stc__s1", "stc__s2"]
