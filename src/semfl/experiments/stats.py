@@ -65,6 +65,15 @@ def verdict_of(low: float, high: float, direction: str) -> str:
     return UNDECIDED
 
 
+def _t_interval(xs: list[float], mean: float, confidence: float) -> tuple[float, float, float, float]:
+    """(sd, t, low, high): the Student-t interval of the mean of ``xs`` (at least 2 values)."""
+    n = len(xs)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    t = t_quantile(confidence, n - 1)
+    half = t * sd / math.sqrt(n)
+    return sd, t, mean - half, mean + half
+
+
 def paired_difference(a: dict[int, float], b: dict[int, float] | float, direction: str,
                       confidence: float = CONFIDENCE) -> PairedResult:
     """Compare A with B (values per seed, or B a constant), paired by seed, claimed A `direction` B.
@@ -101,10 +110,7 @@ def paired_difference(a: dict[int, float], b: dict[int, float] | float, directio
     if n == 1:
         notes.append("one paired seed: no interval, so no verdict")
         return PairedResult(direction, seeds, as_, bs, diffs, mean, None, None, None, None, UNDECIDED, notes)
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    t = t_quantile(confidence, n - 1)
-    half = t * sd / math.sqrt(n)
-    low, high = mean - half, mean + half
+    sd, t, low, high = _t_interval(diffs, mean, confidence)
     return PairedResult(direction, seeds, as_, bs, diffs, mean, sd, low, high, t,
                         verdict_of(low, high, direction), notes)
 
@@ -118,8 +124,8 @@ def mean_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[
     mean = sum(xs) / len(xs)
     if len(xs) < 2:
         return mean, None, None
-    half = t_quantile(confidence, len(xs) - 1) * math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
-    return mean, mean - half, mean + half
+    _, _, low, high = _t_interval(xs, mean, confidence)
+    return mean, low, high
 
 
 __all__ = ["CONFIDENCE", "DIRECTIONS", "HOLDS", "REVERSED", "UNDECIDED", "PairedResult", "mean_interval",

@@ -35,6 +35,7 @@ class Study:
     out: Path
     claims: list[Claim] = field(default_factory=list)
     points: dict[tuple[str, int], object] = field(default_factory=dict)  # (group, seed) -> Point
+    runs: dict[str, object] = field(default_factory=dict)  # label -> RunData of its finished points (evaluate)
     unmatched: dict[str, str] = field(default_factory=dict)  # group -> why no point matches
 
 
@@ -121,7 +122,7 @@ def evaluate(studies: list[Study], confidence: float = CONFIDENCE) -> tuple[list
     results, run_wall, finished = [], 0.0, 0
     for study in studies:
         plan(study.sweep, study.out)
-        runs = {p.label: load_run(study.out / p.label) for p in study.sweep.points if p.state == "done"}
+        runs = study.runs = {p.label: load_run(study.out / p.label) for p in study.sweep.points if p.state == "done"}
         finished += len(runs)
         run_wall += sum(r.final("wall_s") or 0.0 for r in runs.values())
         for claim in study.claims:
@@ -153,22 +154,16 @@ def _start(config: dict) -> str:
 
 def group_rows(studies: list[Study], confidence: float = CONFIDENCE) -> list[dict]:
     """One row per group the claims name: its start, objective, finished seeds, final accuracy and
-    summed uplink energy (mean and 95 % interval over seeds), and how many of its runs converged."""
-    import json as _json
-
-    from semfl.experiments.runs import load_run
-    from semfl.experiments.sweep import plan
-
+    summed uplink energy (mean and 95 % interval over seeds), and how many of its runs converged.
+    Reads the runs :func:`evaluate` loaded (``Study.runs``)."""
     rows = []
     for study in studies:
-        plan(study.sweep, study.out)
-        done = {p.label for p in study.sweep.points if p.state == "done"}
         groups = list(dict.fromkeys(g for c in study.claims for g in c.groups if g not in study.unmatched))
         for group in groups:
-            runs = [load_run(study.out / p.label) for (g, _), p in sorted(study.points.items(), key=lambda kv: kv[0][1])
-                    if g == group and p.label in done]
+            runs = [study.runs[p.label] for (g, _), p in sorted(study.points.items(), key=lambda kv: kv[0][1])
+                    if g == group and p.label in study.runs]
             first = runs[0] if runs else None
-            summaries = [_json.loads((r.path / "summary.json").read_text()) if (r.path / "summary.json").is_file()
+            summaries = [json.loads((r.path / "summary.json").read_text()) if (r.path / "summary.json").is_file()
                          else {} for r in runs]
             objective = next((row.get("train_objective") for row in first.rows if row.get("train_objective")),
                              None) if first else None
