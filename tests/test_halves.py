@@ -52,3 +52,40 @@ def test_user_handlers_need_nothing_from_the_base_station(method, method_run):
         assert _same(again.tensors, reply.tensors), f"{where}: another reply on a fresh instance"
         assert _same(again.meta, reply.meta), f"{where}: other metadata on a fresh instance"
         assert _same(ctx.state, state_after), f"{where}: another user state on a fresh instance"
+
+
+def test_the_runtime_serves_users_from_a_half_that_never_runs_a_round():
+    """bind() hands the transport the handlers of a second instance (the users' half, as a Flower
+    node builds it): what the base station's loop changes, a handler does not see, on any runtime;
+    both halves start from the same random state, and the base station draws what it drew alone."""
+    from semfl.protocol.method import Method, RunContext, bind
+    from semfl.protocol.transport import TransportBase
+
+    class Probe(Method):
+        name = "probe"
+
+        def __init__(self, run, transport):
+            super().__init__(run, transport)
+            self.rounds_run = 0
+            self.initial = torch.rand(3)  # stands for a model's initial weights
+
+        def handlers(self):
+            return {"rounds": lambda ctx, payload: self.rounds_run, "initial": lambda ctx, payload: self.initial,
+                    "send": lambda ctx, payload: self.transport.send([0], "rounds", payload)}
+
+        def run_round(self, round_, users):
+            self.rounds_run += 1
+
+    run = RunContext(cfg=None, data=None, spec=None, parts=[[0, 1]], classifier=None, link=None,
+                     device=torch.device("cpu"), test_x=None, test_y=None)
+    torch.manual_seed(0)
+    alone, next_draw = Probe(run, TransportBase()), torch.rand(1)
+    torch.manual_seed(0)
+    transport = TransportBase()
+    base = bind(Probe, run, transport)
+    assert torch.equal(base.initial, alone.initial) and torch.equal(torch.rand(1), next_draw)
+    base.run_round(1, [0])
+    assert base.rounds_run == 1 and transport.handlers["rounds"](None, None) == 0
+    assert torch.equal(transport.handlers["initial"](None, None), base.initial)
+    with pytest.raises(RuntimeError, match="users' half cannot send"):
+        transport.handlers["send"](None, None)

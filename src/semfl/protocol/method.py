@@ -4,6 +4,7 @@ Methods register themselves by name (``register_method``); ``semfl.methods`` imp
 under it, so the registry is complete once that package is imported."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -12,10 +13,11 @@ import torch
 
 from semfl.config import Config, register_method_tables
 from semfl.data import ImageDataset
+from semfl.wireless.channel import preserved_rng
 from semfl.wireless.link import Link
 from semfl.models import ImageSpec
 from semfl.objective import Objective
-from semfl.protocol.transport import Transport
+from semfl.protocol.transport import Transport, UsersOnlyTransport
 from semfl.protocol.validation import ReplyCheck
 
 _METHODS: dict[str, type["Method"]] = {}
@@ -120,10 +122,20 @@ class Method:
         return {}
 
 
+def users_half(method_cls: type[Method], run: RunContext) -> Method:
+    """The instance whose handlers serve the users: built as a Flower node builds it, it never runs a
+    round, so a handler cannot read what the base station's loop keeps (only its context and payload)."""
+    return method_cls(dataclasses.replace(run, log=lambda message: None), UsersOnlyTransport())
+
+
 def bind(method_cls: type[Method], run: RunContext, transport: Transport,
          on_user_done: Callable[[int], None] | None = None, log: Callable[[str], None] | None = None) -> Method:
-    """A method talking through ``transport``: build it, then hand the transport its user handlers and
-    the check of its replies (the tensors each request kind expects, the users' data sizes)."""
+    """The base station's half of a method, talking through ``transport``; the transport serves the
+    users with the handlers of a second, users' half (:func:`users_half`), built from the same random
+    state (so with the same initial weights), and checks replies against the tensors each request
+    kind expects and the users' data sizes."""
+    with preserved_rng(run.device):  # the base station's half draws exactly what it drew alone
+        users = users_half(method_cls, run)
     method = method_cls(run, transport)
-    transport.bind(method.handlers(), on_user_done, ReplyCheck(method.expected_reply, run.user_sizes), log)
+    transport.bind(users.handlers(), on_user_done, ReplyCheck(method.expected_reply, run.user_sizes), log)
     return method

@@ -84,3 +84,13 @@ class TransportBase:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class UsersOnlyTransport(TransportBase):
+    """The transport of a method's users' half (the instance whose handlers serve users, on a Flower
+    node or in the local runtime): users answer requests, they never send one."""
+
+    def send(self, *args, **kwargs):
+        raise RuntimeError("a method's users' half cannot send requests: only the base station's loop does")
+
+    fetch_state = send

@@ -24,7 +24,7 @@ import torch
 
 from semfl.wireless.codecs import Payload
 from semfl.protocol import seeding
-from semfl.protocol.transport import TransportBase
+from semfl.protocol.method import users_half
 from semfl.protocol.context import UserContext
 from semfl.runtimes.flower.wire import FETCH_STATE, HELLO, flatten_state, kind_of, payload_to_record, record_to_payload
 
@@ -94,15 +94,6 @@ class UserStateStore:
             self._path(r).unlink(missing_ok=True)
 
 
-class NodeTransport(TransportBase):
-    """What a method sees as its transport on a node: users do not send requests."""
-
-    def send(self, *args, **kwargs):
-        raise RuntimeError("a user's node cannot send requests: only the base station's loop does")
-
-    fetch_state = send
-
-
 class NodeSide:
     """The run as one node process sees it: context, method and handlers, users' data on demand."""
 
@@ -118,7 +109,7 @@ class NodeSide:
         seeding.enter(cfg.seed, "setup")
         self.run, _ = build_context(cfg, None, log=lambda message: None, with_user_data=False)
         seeding.enter(cfg.seed, "init")
-        self.method = get_method(cfg.method)(self.run, NodeTransport())
+        self.method = users_half(get_method(cfg.method), self.run)
         self.handlers = self.method.handlers()
         self._data: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
