@@ -246,7 +246,7 @@ def test_parallel_jobs_match_sequential_and_record_failures(tmp_path, tiny_overr
     path = write(tmp_path / "sweep.toml", """
 [sweep]
 name = "jobs"
-seed = [0]
+seed = [0, 1]
 [sweep.variants]
 "fedavg" = ["method=fedavg"]
 "bad" = ["method=psfl", "foundation.samples=100000"]  # fails inside the worker, at mentor set-up
@@ -265,12 +265,12 @@ seed = [0]
     assert main(base + ["--out", str(tmp_path / "par"), "--jobs", "2"]) == 1
     doc = json.loads((tmp_path / "par" / "sweep.json").read_text())
     status = {p["label"]: p["status"] for p in doc["points"]}
-    assert status == {"fedavg__s0": "finished", "bad__s0": "failed"}  # the two ran at once, one per job
+    assert status == {"fedavg__s0": "finished", "fedavg__s1": "finished", "bad__s0": "failed", "bad__s1": "failed"}
     assert all(p["wall_s"] > 0 for p in doc["points"] if p["status"] == "finished")
     bad = next(p for p in doc["points"] if p["label"] == "bad__s0")
     assert "foundation.samples: 100000 requested" in bad["error"]
     assert "Traceback" in (tmp_path / "par" / "bad__s0" / "sweep_error.txt").read_text()
-    for label in ("fedavg__s0",):
+    for label in ("fedavg__s0", "fedavg__s1"):
         def quality(root):
             return [(r["round"], r["loss"], r["psnr_db"]) for r in read_jsonl(root / label / "metrics.jsonl")
                     if r["scope"] == "global"]
