@@ -25,7 +25,9 @@ from test_flower import assert_same_metrics  # noqa: E402
 
 
 def flower_processes(work) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    # -ww: whole command lines; without it ps may cut them to the terminal's width (COLUMNS, or 80),
+    # which drops "flwr-serverapp" from behind a long venv path
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if "<defunct>" not in line and (
         (str(work) in line and "flower-super" in line) or any(app in line for app in ("flwr-serverapp", "flwr-clientapp")))]
 
