@@ -165,6 +165,7 @@ def cmd_pretrain(args) -> int:
     from semfl.methods.psfl.psfl import choose_mentors
     from semfl.models import build_model
     from semfl.models.gsc import pretrain_mae
+    from semfl import rng
     from semfl.protocol import seeding
     from semfl.files import atomic_write
     from semfl.runtimes.run import prepare_data
@@ -175,7 +176,7 @@ def cmd_pretrain(args) -> int:
     arch = args.arch or choose_mentors([len(p) for p in parts], cfg.table("psfl"), cfg.data.user_fraction)[args.user]
     stem = Path(args.config).stem if args.config else "defaults"
     out = Path(args.out) if args.out else Path("runs") / "mentors" / f"{stem}-user{args.user}-{arch}.pth"
-    torch.manual_seed(seeding.derive_seed(cfg.seed, "mentor", args.user))
+    rng.manual_seed(seeding.derive_seed(cfg.seed, "mentor", args.user))
     model = build_model(arch, cfg.scale, dataset.spec, make_channel(cfg.channel))
     images = dataset.train_x[torch.from_numpy(parts[args.user])]
     losses = pretrain_mae(model, images, args.epochs, cfg.train.batch_size, args.lr,

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from semfl.models.base import ImageSpec
 from semfl.models.blocks import BasicBlock, Bottleneck, resnet_stages
+from semfl import rng
 from semfl.files import atomic_write, cache_lock
 
 DEPTHS = {
@@ -120,7 +121,7 @@ def frozen_classifier(spec: ImageSpec, dataset: str, train_x: torch.Tensor, trai
     key = (f"classifier-{dataset}-r{depth}w{width}-e{epochs}-lr{lr:g}-b{batch_size}-s{seed}-"
            f"{_fingerprint(train_x, train_y)}.pt")
     path = Path(cache_dir) / key
-    torch.manual_seed(seed)
+    rng.manual_seed(seed)
     model = ResNetClassifier(spec, depth, width)
     trained = False
     with cache_lock(path):

@@ -10,6 +10,7 @@ import hashlib
 import numpy as np
 import torch
 
+from semfl import rng
 from semfl.wireless.channel import seed_channels
 
 
@@ -31,4 +32,4 @@ def enter(*parts: int | str) -> None:
     seed = derive_seed(*parts)
     # Sionna's seeding also reseeds torch's global generator, so seed it first with its own stream
     seed_channels(derive_seed(seed, "channel") % (2 ** 31))
-    torch.manual_seed(seed)
+    rng.manual_seed(seed)

@@ -28,6 +28,7 @@ from semfl.methods.foundation import foundation_weights, start_from_foundation
 from semfl.methods.aggregation import Aggregator
 from semfl.protocol.method import Method, register_method
 from semfl.methods.common import build_semantic_model, finish_semantic, train_snr
+from semfl import rng
 from semfl.objective import Objective
 from semfl.methods.psfl.pld import pld_train
 from semfl.methods.psfl.privacy import DPConfig, PrivacyAccountant, privatize
@@ -190,7 +191,7 @@ class PSFL(Method):
     def _init_mentor(self, ctx: UserContext, arch: str) -> dict[str, torch.Tensor]:
         from semfl.models.gsc import load_mae_checkpoint, pretrain_mae
 
-        torch.manual_seed(seeding.derive_seed(self.cfg.seed, "mentor", ctx.user))
+        rng.manual_seed(seeding.derive_seed(self.cfg.seed, "mentor", ctx.user))
         fresh = build_semantic_model(self.run, arch)
         if self.cfg.table("foundation").samples:  # mentors arrive pretrained (semfl.methods.foundation)
             load_weights(fresh, foundation_weights(self.run, arch, lambda: build_semantic_model(self.run, arch)))

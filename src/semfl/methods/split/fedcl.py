@@ -51,6 +51,7 @@ from semfl.wireless.codecs import Payload
 from semfl.protocol.method import Method, register_method
 from semfl.methods.split.common import assign_encoders, build_encoder, build_head, eval_snr, evaluate_split, finish_split, float_state, load_float_state, split_snr, task_loss, user_lr, user_test_set
 from semfl.models.split import SCG, scg_loss, transmit
+from semfl import rng
 from semfl.protocol import seeding
 from semfl.protocol.context import UserContext
 from semfl.training import RunningAverage, batches, make_optimizer
@@ -119,7 +120,7 @@ class FedCL(Method):
         """A user's encoder weights from its state, initialised (deterministically per user) on first use."""
         if "encoder" not in state:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seeding.derive_seed(self.cfg.seed, "encoder", user))
+                rng.manual_seed(seeding.derive_seed(self.cfg.seed, "encoder", user))
                 state["encoder"] = float_state(build_encoder(self.run, self.encoder_of[user]))
         return state["encoder"]
 

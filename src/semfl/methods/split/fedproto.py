@@ -25,6 +25,7 @@ from semfl.config import ConfigError, option, register_table
 from semfl.protocol.method import Method, register_method
 from semfl.methods.split.common import assign_encoders, build_encoder, build_head, eval_snr, evaluate_split, finish_split, float_state, load_float_state, local_train_split, split_snr, user_lr, user_test_set
 from semfl.models.split import FEATURE_DIM
+from semfl import rng
 from semfl.protocol import seeding
 from semfl.protocol.context import UserContext
 
@@ -82,7 +83,7 @@ class FedProto(Method):
         preset = self.encoder_of[user]
         if "encoder" not in state:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seeding.derive_seed(self.cfg.seed, "encoder", user))
+                rng.manual_seed(seeding.derive_seed(self.cfg.seed, "encoder", user))
                 state["encoder"] = float_state(build_encoder(self.run, preset))
                 state["head"] = float_state(build_head(self.run))
         if preset not in self._encoders:
