@@ -382,7 +382,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     was imported (it cannot have raised otherwise), so this imports nothing."""
     found: list[type[BaseException]] = [ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
                                         PermissionError]
-    for module, name in (("semfl.data.sources", "DataError"), ("semfl.runtimes.run", "RunError")):
+    for module, name in (("semfl.data.sources", "DataError"), ("semfl.runtimes.run", "RunError"),
+                         ("semfl.files", "FolderBusy")):
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None:
             found.append(cls)

@@ -51,6 +51,39 @@ def cache_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class FolderBusy(RuntimeError):
+    """Another process holds the folder's lock."""
+
+
+@contextmanager
+def folder_lock(folder: Path, what: str = "folder"):
+    """Hold an exclusive lock on ``folder`` (a ``.lock`` file in it, holding the owner's pid) while
+    writing into it; a second process that asks for it gets :class:`FolderBusy` at once, naming the
+    owner, instead of interleaving its writes (two `semfl verify` or `sweep` commands given the same
+    runs, say). The lock goes with the process: a killed run leaves no stale lock behind."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            raise FolderBusy(f"{folder}: this {what} is in use by another process (pid {owner}); "
+                             f"wait for it to finish or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        handle.close()
+
+
 def atomic_text(path: Path, text: str) -> None:
     atomic_write(path, lambda h: h.write(text), mode="w")
 

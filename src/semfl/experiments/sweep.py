@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from semfl.config import Config, ConfigError, apply_overrides, drop_foreign_tables, dump_config, from_dict, load_config
+from semfl.files import folder_lock
 
 SWEEP_OPTIONS = ("name", "variants")  # keys of [sweep] that are not axes
 # short names of axes in labels; any other axis uses the last part of its dotted key
@@ -368,10 +369,11 @@ def run_sweep(sweep: Sweep, out: Path, cli_sets: list[str] | None = None, quiet:
               compare: bool = True, jobs: int = 1) -> int:
     from rich.console import Console
 
-    console = Console(stderr=True)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cli_sets = list(cli_sets or [])
+    with folder_lock(Path(out), "sweep folder"):  # FolderBusy if another sweep or verify writes it
+        return _run_sweep(sweep, Path(out), list(cli_sets or []), quiet, compare, jobs, Console(stderr=True))
+
+
+def _run_sweep(sweep: Sweep, out: Path, cli_sets: list[str], quiet: bool, compare: bool, jobs: int, console) -> int:
     plan(sweep, out)
     counts = {s: sum(p.state == s for p in sweep.points) for s in ("done", "resume", "new", "invalid")}
     console.print(_table(sweep, f"sweep {sweep.name}: {len(sweep.points)} points "

@@ -25,7 +25,7 @@ from semfl.protocol.method import RunContext, bind
 from semfl.models.classifier import frozen_classifier, run_cache_dir
 from semfl.protocol.validation import nonfinite_entries
 from semfl.protocol import seeding
-from semfl.files import atomic_text, read_jsonl, write_jsonl
+from semfl.files import atomic_text, folder_lock, read_jsonl, write_jsonl
 from semfl.protocol.checkpoint import load_checkpoint, save_checkpoint
 from semfl.runtimes.local import LocalTransport
 from semfl.runtimes.progress import RunProgress, paper_on_cpu
@@ -157,16 +157,17 @@ class Runner:
     def execute(self) -> Path:
         from semfl.runtimes.tracking import Tracker
 
-        self._check_directory()
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_text(self.out / "config.toml", dump_config(self.cfg))
-        self.tracker = Tracker(self.cfg, self.out, self.resume)
-        try:
-            self._execute()
-        except BaseException:
-            self.tracker.close(failed=True)
-            raise
-        self.tracker.finish()
+        self._check_directory()  # before anything is created: a bad --out or --resume leaves no trace
+        with folder_lock(self.out, "run directory"):  # FolderBusy if another process is running it
+            self._check_directory()  # again under the lock: another process may have started it meanwhile
+            atomic_text(self.out / "config.toml", dump_config(self.cfg))
+            self.tracker = Tracker(self.cfg, self.out, self.resume)
+            try:
+                self._execute()
+            except BaseException:
+                self.tracker.close(failed=True)
+                raise
+            self.tracker.finish()
         return self.out
 
     def _execute(self) -> None:
