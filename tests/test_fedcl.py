@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import local_method, record_learning_rates, whole_and_resumed
+from conftest import local_method, method_group, record_learning_rates, whole_and_resumed
 from semfl.wireless.codecs import Payload
 from semfl.config import ConfigError, load_config
 from semfl.methods.split import common as split_common
@@ -470,3 +470,15 @@ def test_user_lrs_set_each_users_learning_rate(split_setup, monkeypatch):
         seen.clear()
         method.run_round(1, [2, 0, 1])
         assert seen == [0.03, 0.01, 0.02], name
+
+
+@pytest.mark.parametrize("method", method_group(["fedcl", "fedproto", "fedavg-split", "fedavg"]))
+def test_summary_names_the_model_the_method_trains(method_run, method):
+    """Reports (semfl verify's groups table) name the model from summary.json: the split family's
+    encoders come from [fedcl], not from model.arch (csc), which it does not use."""
+    import json
+
+    *_, out = method_run(method)
+    expected = {"fedcl": "dcgan-s/m/l by data size", "fedproto": "dcgan-s/m/l by data size",
+                "fedavg-split": "dcgan-m", "fedavg": "csc"}[method]
+    assert json.loads((out / "summary.json").read_text())["model"] == expected

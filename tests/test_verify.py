@@ -171,6 +171,19 @@ def test_verify_tables_each_group_with_its_start_objective_and_interval(toy):
     assert f"| 5 (100, 101, 102, 103, 104) | {mean:.4g} [{mean - half:.4g}, {mean + half:.4g}] | 4 [4, 4] | 0 of 5 |" in table
 
 
+def test_group_model_is_the_one_the_runs_summary_names(toy):
+    """A run's summary.json names the model it trained (Method.model_name); older runs without it fall
+    back to their config's model.arch."""
+    claims_file, runs = toy
+    for run_dir in (runs / "toy").glob("fedavg__alpha0.9__s*"):
+        (run_dir / "summary.json").write_text(json.dumps({"model": "dcgan-s/m/l by data size"}))
+    assert main(["verify", str(claims_file), "--runs", str(runs)]) == 0
+    groups = {g["group"]: g for g in json.loads((runs / "verdicts.json").read_text())["groups"]}
+    assert groups["fedavg__alpha0.9"]["arch"] == "dcgan-s/m/l by data size"
+    assert groups["psfl__alpha0.9"]["arch"] == "csc"
+    assert "| fedavg (dcgan-s/m/l by data size) |" in (runs / "verdicts.md").read_text()
+
+
 def test_group_start_and_objective_cells():
     from semfl.experiments.stats import mean_interval
     from semfl.experiments.verify import _start, group_markdown

@@ -169,7 +169,8 @@ def group_rows(studies: list[Study], confidence: float = CONFIDENCE) -> list[dic
                              None) if first else None
             rows.append({
                 "study": study.out.name, "group": group, "method": first.method if first else None,
-                "arch": first.config.get("model", {}).get("arch") if first else None,
+                # the model the run says it trained (summary.json), else its config's model.arch (older runs)
+                "arch": (summaries[0].get("model") or first.config.get("model", {}).get("arch")) if first else None,
                 "start": _start(first.config) if first else None, "objective": objective,
                 "seeds": [r.seed for r in runs],
                 "accuracy": mean_interval([measure(r, "accuracy", "global", "final") for r in runs], confidence),

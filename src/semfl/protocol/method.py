@@ -80,6 +80,12 @@ class Method:
         None where the method does not state one."""
         return None
 
+    @classmethod
+    def model_name(cls, cfg: Config) -> str:
+        """The model it trains, for reports (summary.json's ``model``): ``model.arch`` unless the method
+        builds its models from its own table."""
+        return cfg.model.arch
+
     def handlers(self) -> dict[str, Callable]:
         raise NotImplementedError
 

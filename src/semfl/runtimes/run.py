@@ -247,7 +247,7 @@ class Runner:
             seeding.enter(self.cfg.seed, "finish")
             with plots.drawing(self.cfg.log.figures):
                 summary = method.finish(self.out) or {}
-        summary = {**summary, **self._objective_fields(method_cls),
+        summary = {**summary, "model": method_cls.model_name(self.cfg), **self._objective_fields(method_cls),
                    **self._convergence(read_jsonl(self.metrics_path)).fields()}
         atomic_text(self.out / "summary.json", json.dumps(summary, indent=1, default=str))
         with plots.drawing(self.cfg.log.figures):

@@ -101,6 +101,13 @@ def assign_encoders(sizes: list[int], options: FedCLOptions) -> list[str]:
     return out
 
 
+def encoders_name(options: FedCLOptions) -> str:
+    """The users' encoders as a report names them (``Method.model_name``), e.g. ``dcgan-s/m/l by data size``."""
+    if options.encoders:
+        return "/".join(dict.fromkeys(options.encoders))
+    return options.encoder if options.encoder_rule == "same" else "dcgan-s/m/l by data size"
+
+
 def split_snr(cfg, ctx) -> float:
     """Training channel SNR of a user: its link SNR of the round or channel.snr_db."""
     return ctx.snr_db if cfg.channel.train_snr == "link" else cfg.channel.snr_db

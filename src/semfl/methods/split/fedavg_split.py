@@ -27,6 +27,11 @@ class FedAvgSplit(Method):
     precisions = ("fp32",)  # split learning: features and gradients cross the link in fp32
 
     @classmethod
+    def model_name(cls, cfg) -> str:
+        options = cfg.table("fedcl")
+        return options.encoders[0] if options.encoders else options.encoder
+
+    @classmethod
     def check_config(cls, cfg) -> None:
         if len(set(cfg.table("fedcl").encoders)) > 1:
             raise ConfigError("fedcl.encoders: fedavg-split averages whole models and needs the same encoder for "

@@ -49,7 +49,7 @@ from torch.nn import functional as F
 from semfl.wireless.channel import make_channel
 from semfl.wireless.codecs import Payload
 from semfl.protocol.method import Method, register_method
-from semfl.methods.split.common import assign_encoders, build_encoder, build_head, eval_snr, evaluate_split, finish_split, float_state, load_float_state, split_snr, task_loss, user_lr, user_test_set
+from semfl.methods.split.common import assign_encoders, encoders_name, build_encoder, build_head, eval_snr, evaluate_split, finish_split, float_state, load_float_state, split_snr, task_loss, user_lr, user_test_set
 from semfl.models.split import SCG, scg_loss, transmit
 from semfl import rng
 from semfl.protocol import seeding
@@ -90,6 +90,10 @@ class FedCL(Method):
     name = "fedcl"
     tables = ("fedcl",)
     precisions = ("fp32",)  # split learning: features and gradients cross the link in fp32
+
+    @classmethod
+    def model_name(cls, cfg) -> str:
+        return encoders_name(cfg.table("fedcl"))
 
     def __init__(self, run, transport):
         super().__init__(run, transport)

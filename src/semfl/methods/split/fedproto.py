@@ -23,7 +23,7 @@ from semfl.wireless.channel import make_channel
 from semfl.wireless.codecs import Payload
 from semfl.config import ConfigError, option, register_table
 from semfl.protocol.method import Method, register_method
-from semfl.methods.split.common import assign_encoders, build_encoder, build_head, eval_snr, evaluate_split, finish_split, float_state, load_float_state, local_train_split, split_snr, user_lr, user_test_set
+from semfl.methods.split.common import assign_encoders, encoders_name, build_encoder, build_head, eval_snr, evaluate_split, finish_split, float_state, load_float_state, local_train_split, split_snr, user_lr, user_test_set
 from semfl.models.split import FEATURE_DIM
 from semfl import rng
 from semfl.protocol import seeding
@@ -62,6 +62,10 @@ class FedProto(Method):
     name = "fedproto"
     tables = ("fedcl", "fedproto")  # the encoders of [fedcl]
     precisions = ("fp32",)  # split learning: features and gradients cross the link in fp32
+
+    @classmethod
+    def model_name(cls, cfg) -> str:
+        return encoders_name(cfg.table("fedcl"))
 
     def __init__(self, run, transport):
         super().__init__(run, transport)
