@@ -37,9 +37,10 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+# one install (one resolve, one editable build) for semfl and its test extras, not two in a row
+$(VENV)/.installed-test: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
-	touch $@
+	touch $(VENV)/.installed $@
 
 setup: $(VENV)/.installed data
 setup-test: $(VENV)/.installed-test data
