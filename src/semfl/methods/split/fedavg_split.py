@@ -26,10 +26,15 @@ class FedAvgSplit(Method):
     tables = ("fedcl",)  # the encoder, head and exchange of [fedcl]
     precisions = ("fp32",)  # split learning: features and gradients cross the link in fp32
 
-    @classmethod
-    def model_name(cls, cfg) -> str:
+    @staticmethod
+    def shared_preset(cfg) -> str:
+        """Every user's encoder preset: the one of fedcl.encoders (all equal, check_config), else fedcl.encoder."""
         options = cfg.table("fedcl")
         return options.encoders[0] if options.encoders else options.encoder
+
+    @classmethod
+    def model_name(cls, cfg) -> str:
+        return cls.shared_preset(cfg)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -39,8 +44,7 @@ class FedAvgSplit(Method):
 
     def __init__(self, run, transport):
         super().__init__(run, transport)
-        options = self.cfg.table("fedcl")
-        self.preset = options.encoders[0] if options.encoders else options.encoder
+        self.preset = self.shared_preset(self.cfg)
         self.channel = make_channel(self.cfg.channel)
         self.model = torch.nn.ModuleDict({"encoder": build_encoder(run, self.preset), "head": build_head(run)})
         self.global_state = float_state(self.model)
@@ -91,9 +95,8 @@ class FedAvgSplit(Method):
         from semfl.models.split import SplitClassifier
 
         def build():
-            options = run.cfg.table("fedcl")
-            model = torch.nn.ModuleDict({"encoder": build_encoder(run, options.encoders[0] if options.encoders
-                                                                  else options.encoder), "head": build_head(run)})
+            model = torch.nn.ModuleDict({"encoder": build_encoder(run, cls.shared_preset(run.cfg)),
+                                         "head": build_head(run)})
             load_float_state(model, state["global_state"])
             return SplitClassifier(model["encoder"], model["head"], make_channel(run.cfg.channel)).to(run.device)
         return {"global": build}
