@@ -9,7 +9,7 @@ ARGS ?=
 # pytest workers for `make test` (pytest-xdist): one per core, at most 4; TEST_WORKERS=0 runs in one process
 TEST_WORKERS ?= auto --maxprocesses=4
 
-.PHONY: run test test-slow setup setup-test data bench clean
+.PHONY: run test test-slow coverage setup setup-test data bench clean
 
 # torch is installed first, so that no dependency pulls another build. TORCH=cpu (the default): the
 # wheel in pip's find-links when there is one (these machines: a CPU wheel in /opt/wheels), else the
@@ -64,6 +64,12 @@ test: setup-test
 
 test-slow: setup-test
 	$(BIN)/python -m pytest -q -m slow
+
+# line coverage of the default suite (what `make test` runs), per file in the terminal and in coverage.json;
+# compare the TOTAL line before and after a change that moves or removes tests
+coverage: setup-test
+	$(BIN)/pip install --quiet 'pytest-cov>=5'
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --cov=semfl --cov-report=term --cov-report=json:coverage.json
 
 bench: setup
 	$(BIN)/pip install --quiet -e '.[flower]'  # Ray: Flower's simulation engine, the baseline

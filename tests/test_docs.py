@@ -138,3 +138,17 @@ def test_no_link_or_description_points_outside_the_repository():
 
 def test_readme_fits_on_two_screens():
     assert len((REPO / "README.md").read_text().splitlines()) <= 120
+
+
+def test_every_make_target_the_docs_name_is_in_the_makefile():
+    """`make X` in README.md, docs/, REPRODUCTION.md or BENCHMARKS.md names a target the Makefile has."""
+    targets = set(re.findall(r"^([\w-]+)\s*:(?!=)", (REPO / "Makefile").read_text(), re.M))
+    named = set()
+    for doc in LINK_DOCS:  # `make X` anywhere in a code block, or in inline code
+        text = doc.read_text()
+        blocks = "\n".join(FENCE.findall(text))
+        found = re.findall(r"\bmake ([a-z][\w-]*)", blocks) + re.findall(r"`make ([a-z][\w-]*)", FENCE.sub("", text))
+        named |= {(_rel(doc), t) for t in found}
+    assert {"run", "test", "test-slow", "coverage"} <= {t for _, t in named}
+    missing = sorted((where, t) for where, t in named if t not in targets)
+    assert not missing, f"make targets named in the docs but missing from the Makefile: {missing}"
