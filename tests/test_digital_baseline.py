@@ -198,6 +198,17 @@ def test_fast_decoder_and_demapper_are_bitwise_sionnas():
             assert torch.equal(xr, xf) and torch.equal(sr, sf)
             x4, s4 = fast(llr, num_iter=4)
             assert torch.equal(fast(llr, num_iter=8, msg_v2c=s4)[0], xf)
+    from sionna.phy.fec.ldpc.decoding import cn_update_phi as sionna_cn, vn_update_sum as sionna_vn
+
+    from semfl.wireless.sionna_fast import cn_update_phi, vn_update_sum
+
+    mask = (torch.rand(7, 9, generator=g) < 0.6).float()
+    msg = torch.randn(5, 7, 9, generator=g) * 12 * mask  # past the clipping, with padding and exact zeros
+    msg[0, 0], llr = 0.0, torch.randn(5, 7, generator=g) * 30
+    for clip in (None, 20.0):  # bit patterns equal, -0.0 included
+        assert torch.equal(cn_update_phi(msg, mask, clip).view(torch.int32), sionna_cn(msg, mask, clip).view(torch.int32))
+        ours, theirs = vn_update_sum(msg.clone(), mask, llr, clip), sionna_vn(msg, mask, llr, clip)
+        assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(ours, theirs))
     for m in (2, 4, 6, 8):
         demapper = Demapper("maxlog", "qam", m)
         y = torch.complex(torch.randn(6, 50, generator=g), torch.randn(6, 50, generator=g))
