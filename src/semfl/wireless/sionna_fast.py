@@ -99,13 +99,15 @@ class FastLDPC5GDecoder(LDPC5GDecoder):
 
 def demap_maxlog(demapper, y: torch.Tensor, no: torch.Tensor) -> torch.Tensor:
     """``demapper(y, no)`` for a Sionna max-log ``Demapper`` without prior: the same LLRs, computed
-    with the constellation points as rows so the per-bit gathers copy whole rows."""
+    with the constellation points as rows (so the per-bit gathers copy whole rows), one bit at a
+    time, in place. ``-(a) / b`` is ``-(a / b)`` exactly, and a maximum is order-free."""
     points = demapper.constellation()
     y1, no1 = y.reshape(-1), torch.broadcast_to(no, y.shape).reshape(-1)
-    exponents = -(y1.unsqueeze(0) - points.unsqueeze(1)).abs().square() / torch.clamp_min(no1, demapper._no_threshold)
+    exponents = (y1.unsqueeze(0) - points.unsqueeze(1)).abs()
+    exponents.square_().neg_().div_(torch.clamp_min(no1, demapper._no_threshold))
     c0, c1 = demapper._logits2llrs._c0, demapper._logits2llrs._c1  # [points / 2, bits]: labels with bit 0 / 1
-
-    def best(c):
-        return exponents.index_select(0, c.reshape(-1)).view(*c.shape, -1).amax(0)  # [bits, symbols]
-
-    return (best(c1) - best(c0)).t().reshape(*y.shape[:-1], -1)
+    llr = torch.empty(c0.shape[1], y1.numel(), dtype=exponents.dtype, device=exponents.device)
+    for b in range(c0.shape[1]):
+        best1, best0 = (exponents.index_select(0, c[:, b]).amax(0) for c in (c1, c0))
+        torch.sub(best1, best0, out=llr[b])
+    return llr.t().reshape(*y.shape[:-1], -1)
