@@ -29,6 +29,26 @@ def test_objectives_state_each_methods_loss():
     assert "KL" not in get_method("psfl").objective(paper).describe()
 
 
+def test_every_method_states_its_objective_with_its_own_terms():
+    """Every registered method states what it trains on (metrics row 0, summary.json, verify's groups
+    table); the methods with terms of their own name them."""
+    from semfl.methods import available_methods
+
+    stated = {}
+    for name in available_methods():
+        arch = ["model.arch=vq-jscc"] if name in ("fedsfr", "fedsfd", "skbs") else []
+        objective = get_method(name).objective(load_config(None, [f"method={name}", *arch]))
+        assert objective is not None, f"{name} states no objective"
+        stated[name] = objective
+    for name in ("fedavg-split", "fedproto", "fedcl"):  # the split family classifies through its own head
+        assert stated[name].task == "CE(head(channel(encoder(x))), y)", name
+    assert "prototype" in stated["fedproto"].describe() and "SCG" in stated["fedcl"].describe()
+    assert stated["fedavg-split"].describe() == "CE(head(channel(encoder(x))), y) | sgd lr=0.01"
+    assert "other model's x_hat" in stated["skbs"].describe()
+    assert "middle" in stated["fedsfd"].describe() and stated["fedsfd"].comparable(stated["fedsfr"])
+    assert not stated["fedavg-split"].comparable(stated["fedavg"])  # CE of a head is not eq 20's task loss
+
+
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_shipped_sweep_compares_methods_on_one_objective(path):
     sweep = load_sweep(path)

@@ -22,10 +22,14 @@ class Objective:
     optimizer: str  # "sgd" | "adam"
     lr: float
     extra: tuple[str, ...] = field(default_factory=tuple)  # the method's own terms, described
+    base: str = ""  # a task loss other than eq 20's, e.g. the split family's CE of its own head
 
     @property
     def task(self) -> str:
-        """The reconstruction + task loss, e.g. ``mse + 0.01*CE(classifier)`` (``mse`` when w = 0)."""
+        """The reconstruction + task loss, e.g. ``mse + 0.01*CE(classifier)`` (``mse`` when w = 0), or
+        ``base`` for a method that trains another task (the split family classifies)."""
+        if self.base:
+            return self.base
         return "mse" if self.ce_weight == 0 else f"mse + {self.ce_weight:g}*CE(classifier)"
 
     @property
@@ -42,7 +46,8 @@ class Objective:
 
     def comparable(self, other: "Objective") -> bool:
         """Same task loss, optimiser and learning rate (the terms accuracy comparisons rest on)."""
-        return (self.ce_weight, self.optimizer, self.lr) == (other.ce_weight, other.optimizer, other.lr)
+        return (self.ce_weight, self.base, self.optimizer, self.lr) == (other.ce_weight, other.base, other.optimizer,
+                                                                        other.lr)
 
     def fields(self) -> dict[str, str]:
         """The metrics/summary fields: ``train_objective`` (all terms), ``task_objective``, ``optimiser``."""

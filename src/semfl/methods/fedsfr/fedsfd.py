@@ -32,9 +32,10 @@ from torch import nn
 
 from semfl.wireless.codecs import Payload
 from semfl.config import ConfigError, option, register_table
+from semfl.objective import Objective
 from semfl.protocol.method import Method, register_method
 from semfl.methods.common import build_semantic_model, finish_semantic, loss_rows, to_cpu, train_snr
-from semfl.methods.fedsfr.fedsfr import fit_pairs, lr_factor, scheduled_train
+from semfl.methods.fedsfr.fedsfr import FedSFR, fit_pairs, lr_factor, scheduled_train
 from semfl.models.vqjscc import nearest_codeword
 from semfl.protocol import seeding
 from semfl.protocol.context import UserContext
@@ -111,6 +112,14 @@ class FedSFD(Method):
         self.personal_init = to_cpu(weights_of(self.model))  # every user's model starts here
         self.server = ServerMiddle(self.model, self.options.server_width).to(run.device)
         self.knowledge: dict[str, torch.Tensor] = {}  # the base station's pairs for the next request
+
+    @classmethod
+    def objective(cls, cfg):
+        """Each user's local training as FedSFR's (eq 20's task loss and the codeword-usage term), after
+        a separate step that fits its middle to the base station's features."""
+        own = FedSFR.objective(cfg)
+        return Objective(own.ce_weight, own.optimizer, own.lr,
+                         own.extra + ("before it, the middle alone: MSE to the base station's features",))
 
     def handlers(self):
         return {"train": self.user_train}

@@ -100,6 +100,14 @@ class SKBS(FedSFR):
     row_fields = FedSFR.row_fields + ("personal_loss", "compact_distill", "personal_psnr_db", "personal_ssim",
                                       "personal_accuracy")
 
+    @classmethod
+    def objective(cls, cfg):
+        """FedSFR's (eq 20's task loss, codeword usage) for the compact and the personal model, each plus
+        skbs.distill_weight * MSE to the other's reconstruction (mutual distillation)."""
+        own = super().objective(cfg)
+        mutual = f"{cfg.table('skbs').distill_weight:g}*MSE(x_hat, stopgrad(other model's x_hat))"
+        return dataclasses.replace(own, extra=own.extra + (mutual,))
+
     def __init__(self, run, transport):
         super().__init__(run, transport)
         o: SKBSOptions = self.cfg.table("skbs")

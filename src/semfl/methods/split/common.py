@@ -155,6 +155,19 @@ def load_float_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         own[k].copy_(v)
 
 
+SPLIT_TASK = "CE(head(channel(encoder(x))), y)"  # the split family classifies: its own head's CE
+
+
+def split_objective(cfg, *extra: str):
+    """The split family's objective: the head's CE on the received features, plus the method's own
+    terms, with train.optimizer at train.lr (fedcl.user_lrs, where set, per user)."""
+    from semfl.objective import Objective
+
+    lrs = cfg.table("fedcl").user_lrs
+    terms = extra + ((f"per-user lr {', '.join(f'{lr:g}' for lr in lrs)}",) if lrs else ())
+    return Objective(0.0, cfg.train.optimizer, cfg.train.lr, terms, base=SPLIT_TASK)
+
+
 def task_loss(logits, labels, features, centroids, present, lam):
     """CE + lam * ||f_hat - centroid of its class||^2 (eq 10; FedProto with its own distance)."""
     ce = F.cross_entropy(logits, labels)

@@ -15,7 +15,7 @@ from semfl.wireless.channel import make_channel
 from semfl.config import ConfigError
 from semfl.wireless.codecs import Payload
 from semfl.protocol.method import Method, register_method
-from semfl.methods.split.common import build_encoder, build_head, eval_snr, evaluate_split, finish_split, float_state, load_float_state, local_train_split, split_snr, user_lr, user_test_set
+from semfl.methods.split.common import split_objective, build_encoder, build_head, eval_snr, evaluate_split, finish_split, float_state, load_float_state, local_train_split, split_snr, user_lr, user_test_set
 from semfl.protocol.context import UserContext
 from semfl.training import RunningAverage
 
@@ -35,6 +35,11 @@ class FedAvgSplit(Method):
     @classmethod
     def model_name(cls, cfg) -> str:
         return cls.shared_preset(cfg)
+
+    @classmethod
+    def objective(cls, cfg):
+        """The head's CE only (local_train_split without centroids)."""
+        return split_objective(cfg)
 
     @classmethod
     def check_config(cls, cfg) -> None:

@@ -49,7 +49,7 @@ from torch.nn import functional as F
 from semfl.wireless.channel import make_channel
 from semfl.wireless.codecs import Payload
 from semfl.protocol.method import Method, register_method
-from semfl.methods.split.common import assign_encoders, encoders_name, build_encoder, build_head, eval_snr, evaluate_split, finish_split, float_state, load_float_state, split_snr, task_loss, user_lr, user_test_set
+from semfl.methods.split.common import assign_encoders, encoders_name, split_objective, build_encoder, build_head, eval_snr, evaluate_split, finish_split, float_state, load_float_state, split_snr, task_loss, user_lr, user_test_set
 from semfl.models.split import SCG, scg_loss, transmit
 from semfl import rng
 from semfl.protocol import seeding
@@ -94,6 +94,15 @@ class FedCL(Method):
     @classmethod
     def model_name(cls, cfg) -> str:
         return encoders_name(cfg.table("fedcl"))
+
+    @classmethod
+    def objective(cls, cfg):
+        """Eq 10 at the base station's head and through the users' encoders, CE + lam * squared distance
+        to the SCG's centroid of the class; the head at fedcl.head_lr, the SCG by its own loss and Adam."""
+        o = cfg.table("fedcl")
+        head = (f"head lr {o.head_lr:g}",) if o.head_lr else ()
+        return split_objective(cfg, f"{o.lam:g}*||f_hat - SCG centroid of its class||^2", *head,
+                               f"SCG: contrastive loss, adam lr={o.scg_lr:g}")
 
     def __init__(self, run, transport):
         super().__init__(run, transport)

@@ -23,7 +23,7 @@ from semfl.wireless.channel import make_channel
 from semfl.wireless.codecs import Payload
 from semfl.config import ConfigError, option, register_table
 from semfl.protocol.method import Method, register_method
-from semfl.methods.split.common import assign_encoders, encoders_name, build_encoder, build_head, eval_snr, evaluate_split, finish_split, float_state, load_float_state, local_train_split, split_snr, user_lr, user_test_set
+from semfl.methods.split.common import assign_encoders, encoders_name, split_objective, build_encoder, build_head, eval_snr, evaluate_split, finish_split, float_state, load_float_state, local_train_split, split_snr, user_lr, user_test_set
 from semfl.models.split import FEATURE_DIM
 from semfl import rng
 from semfl.protocol import seeding
@@ -66,6 +66,11 @@ class FedProto(Method):
     @classmethod
     def model_name(cls, cfg) -> str:
         return encoders_name(cfg.table("fedcl"))
+
+    @classmethod
+    def objective(cls, cfg):
+        """CE + lam * MSE(f_hat, the global prototype of its class) (local_train_split, mse=True)."""
+        return split_objective(cfg, f"{cfg.table('fedproto').lam:g}*MSE(f_hat, prototype of its class)")
 
     def __init__(self, run, transport):
         super().__init__(run, transport)
