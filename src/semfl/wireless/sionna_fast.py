@@ -5,7 +5,7 @@ bitwise equal.
 moves each iteration's messages through six gathers, two zero fills and two scatters between its
 edge, check-node and variable-node layouts, and its ``phi`` evaluates ``exp(x)`` twice. Here the
 index maps are composed once (three gathers per iteration), ``exp(x)`` is evaluated once, and the
-node updates work in place in a few buffers instead of allocating ~25 temporaries per iteration.
+node updates work in place in a few buffers instead of allocating ~20 temporaries per iteration.
 The arithmetic is the same operations on the same values in the same order, so the decoded bits and
 the decoder state are bitwise those of Sionna's decoder (tests/test_digital_baseline.py checks it);
 it is several times faster on a CPU. :func:`demap_maxlog` is Sionna's max-log ``Demapper`` with its

@@ -24,7 +24,7 @@ Metrics: every user's personal model on the test subset (user rows); the global 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -32,7 +32,6 @@ from torch import nn
 
 from semfl.wireless.codecs import Payload
 from semfl.config import ConfigError, option, register_table
-from semfl.objective import Objective
 from semfl.protocol.method import Method, register_method
 from semfl.methods.common import build_semantic_model, finish_semantic, loss_rows, to_cpu, train_snr
 from semfl.methods.fedsfr.fedsfr import FedSFR, fit_pairs, lr_factor, scheduled_train
@@ -118,8 +117,7 @@ class FedSFD(Method):
         """Each user's local training as FedSFR's (eq 20's task loss and the codeword-usage term), after
         a separate step that fits its middle to the base station's features."""
         own = FedSFR.objective(cfg)
-        return Objective(own.ce_weight, own.optimizer, own.lr,
-                         own.extra + ("before it, the middle alone: MSE to the base station's features",))
+        return replace(own, extra=own.extra + ("before it, the middle alone: MSE to the base station's features",))
 
     def handlers(self):
         return {"train": self.user_train}

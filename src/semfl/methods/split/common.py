@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from semfl.config import ConfigError, option, register_table
+from semfl.objective import Objective
 from semfl.models.split import ENCODERS, ClassifierHead, SplitEncoder, transmit
 from semfl.training import batches, make_optimizer
 
@@ -161,8 +162,6 @@ SPLIT_TASK = "CE(head(channel(encoder(x))), y)"  # the split family classifies: 
 def split_objective(cfg, *extra: str):
     """The split family's objective: the head's CE on the received features, plus the method's own
     terms, with train.optimizer at train.lr (fedcl.user_lrs, where set, per user)."""
-    from semfl.objective import Objective
-
     lrs = cfg.table("fedcl").user_lrs
     terms = extra + ((f"per-user lr {', '.join(f'{lr:g}' for lr in lrs)}",) if lrs else ())
     return Objective(0.0, cfg.train.optimizer, cfg.train.lr, terms, base=SPLIT_TASK)
