@@ -216,6 +216,52 @@ def test_fast_decoder_and_demapper_are_bitwise_sionnas():
         assert torch.equal(demap_maxlog(demapper, y, no), demapper(y, no))
 
 
+def test_early_termination_stops_each_block_at_its_first_valid_codeword_with_sionnas_bits():
+    """decode_until_valid == Sionna's own decoder run for t iterations, where t is the first
+    iteration whose decision is a codeword (re-encoding its information bits gives its coded bits)
+    and passes the CRC; blocks that never stop get Sionna's decision at the last iteration."""
+    from sionna.phy.fec.crc import CRCDecoder, CRCEncoder
+    from sionna.phy.fec.ldpc import LDPC5GDecoder, LDPC5GEncoder
+
+    from semfl.wireless.sionna_fast import FastLDPC5GDecoder
+
+    g, last = torch.Generator().manual_seed(1), 10
+    for k, n, m in ((60, 196, 2), (294, 392, 4)):
+        crc_enc = CRCEncoder("CRC16")
+        crc_dec, enc = CRCDecoder(crc_enc), LDPC5GEncoder(k, n, num_bits_per_symbol=m)
+        c = enc(crc_enc(torch.randint(0, 2, (90, k - 16), generator=g).float()))
+        sigma = torch.tensor([0.6, 0.9, 1.3]).repeat_interleave(30).unsqueeze(1)  # fast, slow, failing
+        llr = (2 * c - 1) * 2 / sigma ** 2 + torch.randn(c.shape, generator=g) * 2 / sigma
+        bits, ok = FastLDPC5GDecoder(enc, hard_out=True).decode_until_valid(llr, crc_dec, last)
+        want_bits, want_ok = torch.zeros_like(bits), torch.zeros_like(ok)
+        stopped = torch.zeros(len(llr), dtype=torch.bool)
+        for t in range(1, last + 1):
+            info = LDPC5GDecoder(enc, hard_out=True, num_iter=t)(llr)
+            word = LDPC5GDecoder(enc, hard_out=True, num_iter=t, return_infobits=False)(llr)
+            payload, crc_ok = crc_dec(info)
+            crc_ok = crc_ok.reshape(-1)
+            stop = ~stopped & (crc_ok & (enc(info) == word).all(1) if t < last else True)
+            want_bits[stop], want_ok[stop] = payload[stop], crc_ok[stop]
+            stopped |= stop
+        assert torch.equal(bits, want_bits) and torch.equal(ok, want_ok)
+        assert 0 < int(ok.sum()) < len(ok)  # the case covers decoded and failed blocks
+
+
+def test_codeword_check_accepts_a_codeword_and_rejects_one_flipped_bit():
+    from sionna.phy.fec.ldpc import LDPC5GEncoder
+
+    from semfl.wireless.sionna_fast import FastLDPC5GDecoder
+
+    enc = LDPC5GEncoder(294, 392, num_bits_per_symbol=4)
+    dec = FastLDPC5GDecoder(enc, hard_out=True)
+    u = torch.randint(0, 2, (4, 294), generator=torch.Generator().manual_seed(2)).float()
+    logits = 20.0 * (2 * enc(u) - 1)  # Sionna's logits: positive = bit 1
+    logits[1, 7] *= -1  # one transmitted bit flipped
+    llr = dec._mother_llrs(logits).clamp(-dec._llr_max, dec._llr_max) * -1.0  # positive = bit 0
+    llr[:, :2 * enc.z] = 20.0 * (1 - 2 * u[:, :2 * enc.z])  # the punctured systematic bits, as BP settles them
+    assert dec._codewords(llr).tolist() == [True, False, True, True]
+
+
 def test_rows_not_needed_are_not_decoded_and_the_others_are_unchanged():
     mcs = MCS(4, 1 / 2)
     plan = digital.layout(98, mcs)

@@ -14,10 +14,9 @@ fading, same generators). On Rayleigh the receiver knows ``h`` (as the semantic 
 equaliser does) and undoes the channel exactly: the demapper sees ``x + n / h`` with noise
 variance ``N0 / |h|^2``, whether or not the semantic channel equalises.
 
-Decoding uses CRC-aided early termination, as real receivers do: every block is decoded with
-:data:`EARLY_ITERATIONS` BP iterations first; the blocks whose CRC then passes are done, the
-others continue from the decoder's state to :data:`FULL_ITERATIONS` in all (bitwise the same as
-decoding them again from scratch with that many). The decoder is Sionna's, with its index maps
+Decoding stops early, as real receivers do: a block stops after the first BP iteration whose hard
+decision is a codeword (every parity check satisfied) and passes its CRC; the others run
+:data:`FULL_ITERATIONS`, where the CRC alone decides. The decoder is Sionna's, with its index maps
 composed and the demapper's gathers done by ``index_select``
 (:mod:`semfl.wireless.sionna_fast`, bitwise equal). Blocks of images the caller marks as not needed
 (nothing sent) still go through the channel, so the random draws are the same, but are not demapped
@@ -34,7 +33,6 @@ from semfl.wireless.channel import Channel, _sionna_device, sionna_phy
 from semfl.wireless.link_table import MCS
 
 MAX_BLOCK_BITS = 8000  # coded bits per LDPC codeword (5G's largest info block is 8448 bits)
-EARLY_ITERATIONS = 4
 FULL_ITERATIONS = 20
 
 
@@ -92,22 +90,9 @@ def _blocks(k: int, n: int, m: int, crc: str, device: str):
 
     crc_enc = CRCEncoder(crc, device=device)
     enc = LDPC5GEncoder(k, n, num_bits_per_symbol=m, device=device)
-    dec = FastLDPC5GDecoder(enc, hard_out=True, num_iter=FULL_ITERATIONS, return_state=True, device=device)
+    dec = FastLDPC5GDecoder(enc, hard_out=True, num_iter=FULL_ITERATIONS, device=device)
     return (crc_enc, CRCDecoder(crc_enc, device=device), enc, dec,
             Mapper("qam", m, device=device), Demapper("maxlog", "qam", m, device=device))
-
-
-def _decode(dec, crc_dec, llr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CRC-aided early termination; returns (payload bits, CRC ok) per block."""
-    early, state = dec(llr, num_iter=EARLY_ITERATIONS)
-    bits, ok = crc_dec(early)
-    ok = ok.reshape(-1)
-    retry = (~ok).nonzero().reshape(-1)
-    if len(retry):
-        more, _ = dec(llr[retry], num_iter=FULL_ITERATIONS - EARLY_ITERATIONS, msg_v2c=state[retry])
-        again, ok_again = crc_dec(more)
-        bits[retry], ok[retry] = again, ok_again.reshape(-1)
-    return bits, ok
 
 
 def transmit(payload: torch.Tensor, plan: BlockLayout, channel: Channel, snr_db: float,
@@ -142,7 +127,7 @@ def transmit(payload: torch.Tensor, plan: BlockLayout, channel: Channel, snr_db:
     ok = torch.zeros(batch, plan.blocks, dtype=torch.bool, device=device)
     if len(rows):
         llr = demap_maxlog(demapper, y[rows], no[rows]).reshape(len(rows) * plan.blocks, plan.coded_bits)
-        got, got_ok = _decode(dec, crc_dec, llr)
+        got, got_ok = dec.decode_until_valid(llr, crc_dec, FULL_ITERATIONS)
         bits[rows] = got.reshape(len(rows), plan.blocks, -1)
         ok[rows] = got_ok.reshape(len(rows), plan.blocks)
     return bits.reshape(batch, -1).to(payload.device), ok.all(1).to(payload.device)

@@ -80,19 +80,24 @@ class EncodedSet:
                 self._decoded[key] = None
         return self._decoded[key]
 
-    def scores(self, source, recon: torch.Tensor, idx: np.ndarray, labels, classifier, batch_size: int) -> dict:
+    def scores(self, source, recon: torch.Tensor, idx: np.ndarray, labels, classifier, batch_size: int,
+               one_image: bool = False) -> dict:
         """Per-image SSIM (and classifier verdicts) of ``recon[idx]``, all of one ``source``
-        (a quality index or the fallback's key), computed once per image."""
+        (a quality index or the fallback's key), computed once per image. With ``one_image`` (the
+        fallback: every row is the same image) the classifier's label is computed once."""
         n = len(self.u8)
         store = self._scores.setdefault(source, {"ssim": torch.full((n,), float("nan")),
                                                  "correct": torch.zeros(n, dtype=torch.bool),
                                                  "done": torch.zeros(n, dtype=torch.bool)})
         todo = torch.from_numpy(idx)[~store["done"][idx]]
+        label = _predicted(classifier, recon[todo[:1]]) if one_image and classifier is not None and len(todo) else None
         for b in range(0, len(todo), batch_size):
             rows = todo[b:b + batch_size]
             x, y = recon[rows], self.images[rows]
             store["ssim"][rows] = metrics.ssim_per_image(x, y).cpu()
-            if classifier is not None:
+            if label is not None:
+                store["correct"][rows] = labels[rows].cpu() == label
+            elif classifier is not None:
                 store["correct"][rows] = _correct(classifier, x, labels[rows])
             store["done"][rows] = True
         return store
@@ -100,13 +105,18 @@ class EncodedSet:
 
 def _correct(classifier, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per image: the classifier's label is right (as metrics.accuracy counts it)."""
+    return _predicted(classifier, images) == labels.cpu()
+
+
+def _predicted(classifier, images: torch.Tensor) -> torch.Tensor:
+    """The classifier's label of each image (on the CPU)."""
     param = next(iter(classifier.parameters()), None)
     device = param.device if param is not None else images.device
     was_training = classifier.training
     classifier.eval()
     try:
         with torch.no_grad():
-            return (classifier(images.to(device)).argmax(dim=-1) == labels.to(device)).cpu()
+            return classifier(images.to(device)).argmax(dim=-1).cpu()
     finally:
         classifier.train(was_training)
 
@@ -227,7 +237,8 @@ def quality(recon: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, cla
                     correct[rows] = _correct(classifier, recon[rows], labels[rows])
                 continue
             key = ("fallback", recon[idx[0]].cpu().numpy().tobytes()) if s == FALLBACK else int(s)
-            store = enc.scores((key, id(classifier)), recon, idx, labels, classifier, batch_size)
+            store = enc.scores((key, id(classifier)), recon, idx, labels, classifier, batch_size,
+                               one_image=s == FALLBACK)
             ssim[idx], correct[idx] = store["ssim"][idx], store["correct"][idx]
         accuracy = None if classifier is None else int(correct.sum()) / len(images)
     out.update(ssim=float(ssim.mean()), mse=float(torch.nn.functional.mse_loss(recon, images)))

@@ -96,18 +96,93 @@ class FastLDPC5GDecoder(LDPC5GDecoder):
         msg_vn_out, x_hat = vn_update_sum(msg_vn, self._vn_mask, llr_ch, self._llr_max)
         return msg_vn_out.reshape(batch, -1).index_select(1, self._vn_to_edge), msg_c2v, x_hat
 
+    def _mother_llrs(self, llr_ch: torch.Tensor) -> torch.Tensor:
+        """The full 5G mother-code LLRs of ``llr_ch`` [blocks, n], as :meth:`LDPC5GDecoder.call`
+        assembles them (no HARQ): punctured systematic bits at 0, filler bits known."""
+        enc, z = self.encoder, self.encoder.z
+        llr = llr_ch.reshape(-1, enc.n)
+        if enc.num_bits_per_symbol is not None:
+            llr = llr[:, enc.out_int_inv]
+        llr = torch.nn.functional.pad(llr, (0, enc.n_cb_comp - self._nb_pruned_nodes - enc.n))
+        filler = self._FILLER_LLR if self._llr_max is None else self._llr_max
+        batch, n_sys = llr.shape[0], enc.k - 2 * z
+        return torch.cat([torch.zeros(batch, 2 * z, dtype=self.dtype, device=llr.device), llr[:, :n_sys],
+                          -filler * torch.ones(batch, enc.k_filler, dtype=self.dtype, device=llr.device),
+                          llr[:, n_sys:]], dim=1)
+
+    def _codewords(self, x_hat: torch.Tensor) -> torch.Tensor:
+        """Per row: the hard decision of ``x_hat`` (LLRs, positive = bit 0) satisfies every check."""
+        hard = (x_hat <= 0).to(self.dtype).index_select(1, self._vn_idx_t.long())
+        per_cn = hard.index_select(1, self._edge_to_cn).view(x_hat.shape[0], *self._cn_mask.shape)
+        return (per_cn.mul_(self._cn_mask).sum(2).remainder_(2) == 0).all(1)
+
+    def decode_until_valid(self, llr_ch: torch.Tensor, crc_dec, num_iter: int | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode blocks of channel logits ``llr_ch`` [blocks, n] with early termination, as a
+        receiver does: a block stops after the first iteration whose hard decision is a codeword
+        (every parity check satisfied) and passes ``crc_dec``; the others run ``num_iter``
+        iterations (default the decoder's), where the CRC alone decides.
+
+        Returns (payload bits without the CRC [blocks, k - crc], CRC ok [blocks]). A block's bits are
+        bitwise what ``self(llr_ch, num_iter=t)`` gives at the iteration ``t`` it stopped at: rows
+        are independent, and the same :meth:`_bp_iter` runs on the rows still active."""
+        if self._c2v_callbacks or self._v2c_callbacks or self._harq_mode or not self._hard_out:
+            raise ValueError("decode_until_valid needs hard output and no callbacks or HARQ")
+        num_iter = self._num_iter if num_iter is None else num_iter
+        k = self.encoder.k
+        llr = self._mother_llrs(llr_ch)
+        if self._llr_max is not None:
+            llr = llr.clamp(-self._llr_max, self._llr_max)
+        llr = llr.reshape(-1, self._num_vns) * -1.0  # logits to LLRs, as Sionna's BP does
+        msg, x_hat = llr[:, self._vn_idx_t], llr
+        active, bits, ok = torch.arange(llr.shape[0], device=llr.device), None, None
+        for it in range(num_iter):
+            msg, _, x_hat = self._bp_iter(msg, None, llr, x_hat, it)
+            payload, crc_ok = crc_dec((x_hat[:, :k] <= 0).to(self.dtype))
+            crc_ok = crc_ok.reshape(-1)
+            if bits is None:
+                bits, ok = torch.zeros_like(payload), torch.zeros_like(crc_ok)
+            if it == num_iter - 1:  # the last iteration: the CRC alone decides
+                bits[active], ok[active] = payload, crc_ok
+                break
+            done = crc_ok.clone()
+            if done.any():
+                done[crc_ok] = self._codewords(x_hat[crc_ok])
+            if done.any():
+                bits[active[done]], ok[active[done]] = payload[done], True
+                keep = ~done
+                active, msg, llr, x_hat = active[keep], msg[keep], llr[keep], x_hat[keep]
+                if not len(active):
+                    break
+        return bits, ok
+
+
+def _labels_are_binary(c0: torch.Tensor, c1: torch.Tensor, m: int) -> bool:
+    """Point ``i`` carries label ``i`` (bits MSB first): Sionna's QAM and PAM constellations."""
+    i = torch.arange(2 ** m, device=c0.device)
+    return all(torch.equal(c.sort().values, i[(i >> (m - 1 - b)) & 1 == v])
+               for b in range(m) for v, c in ((0, c0[:, b]), (1, c1[:, b])))
+
 
 def demap_maxlog(demapper, y: torch.Tensor, no: torch.Tensor) -> torch.Tensor:
     """``demapper(y, no)`` for a Sionna max-log ``Demapper`` without prior: the same LLRs, computed
-    with the constellation points as rows (so the per-bit gathers copy whole rows), one bit at a
-    time, in place. ``-(a) / b`` is ``-(a / b)`` exactly, and a maximum is order-free."""
+    with the constellation points as rows, one bit at a time, in place. ``-(a) / b`` is ``-(a / b)``
+    exactly, and a maximum is order-free. With Sionna's binary labelling (point ``i`` has label
+    ``i``), the points whose bit ``b`` is 0 or 1 are two halves of a strided view of the rows, so
+    the per-bit maxima read the rows in place instead of gathering copies."""
     points = demapper.constellation()
     y1, no1 = y.reshape(-1), torch.broadcast_to(no, y.shape).reshape(-1)
     exponents = (y1.unsqueeze(0) - points.unsqueeze(1)).abs()
     exponents.square_().neg_().div_(torch.clamp_min(no1, demapper._no_threshold))
     c0, c1 = demapper._logits2llrs._c0, demapper._logits2llrs._c1  # [points / 2, bits]: labels with bit 0 / 1
-    llr = torch.empty(c0.shape[1], y1.numel(), dtype=exponents.dtype, device=exponents.device)
-    for b in range(c0.shape[1]):
-        best1, best0 = (exponents.index_select(0, c[:, b]).amax(0) for c in (c1, c0))
+    m = c0.shape[1]
+    binary = _labels_are_binary(c0, c1, m)
+    llr = torch.empty(m, y1.numel(), dtype=exponents.dtype, device=exponents.device)
+    for b in range(m):
+        if binary:
+            halves = exponents.view(2 ** b, 2, 2 ** (m - b - 1), -1)
+            best0, best1 = (halves[:, v].amax(1).amax(0) for v in (0, 1))
+        else:
+            best1, best0 = (exponents.index_select(0, c[:, b]).amax(0) for c in (c1, c0))
         torch.sub(best1, best0, out=llr[b])
     return llr.t().reshape(*y.shape[:-1], -1)
