@@ -147,6 +147,28 @@ def test_sweep_is_repeatable_and_has_the_three_curves():
     assert a == b
     cap = a["JPEG at capacity"]
     assert cap["psnr_db"][1] >= a["JPEG + LDPC + QAM, adapted"]["psnr_db"][1]
+    for mode, label in zip(separation.MODES, a):  # a curve alone is the same curve
+        assert separation.sweep(images, labels, None, 0.25, [5.0, 20.0], design_snr=12.5, modes=(mode,)) == {label: a[label]}
+    with pytest.raises(ValueError, match="modes: \\['ideal'\\]"):
+        separation.sweep(images, labels, None, 0.25, [5.0], modes=("ideal",))
+
+
+def test_bench_times_the_three_curves_and_each_alone_against_the_learned_sweep(fmnist_root, shared_cache, tmp_path):
+    import json
+
+    from semfl.cli import main
+
+    sets = [f"data.root={fmnist_root}", f"classifier.cache_dir={shared_cache}", "data.download=false",
+            "classifier.epochs=3"]
+    args = ["baseline", "bench", "--scale", "tiny", "--samples", "24", "--snr", "0", "20", "--repeats", "1",
+            "--out", str(tmp_path)] + [a for s in sets for a in ("--set", s)]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "digital-bench-cpu.json").read_text())
+    row = result["repeats"][0]
+    assert set(row) == {"learned_s", "digital_s", "adapted_alone_s", "designed_alone_s", "capacity_alone_s"}
+    assert all(seconds > 0 for seconds in row.values())
+    assert result["digital_over_learned"] == pytest.approx(row["digital_s"] / row["learned_s"])
+    assert result["curve_alone_over_learned"]["designed"] == pytest.approx(row["designed_alone_s"] / row["learned_s"])
 
 
 def test_a_runs_snr_sweep_carries_the_baseline_at_the_models_ratio(tiny_overrides, tmp_path):

@@ -5,10 +5,12 @@ dataset's evaluation subset (``data.test_samples``, the runs' own subset and fro
 the given SNRs and k/n, prints a table and writes ``<out>/digital_baseline.json`` and
 ``snr_sweep.png``. ``bench`` times that sweep against a learned model's own SNR sweep
 (``methods.common.snr_sweep``: the same test images, SNRs and classifier) on the same machine,
-side by side, and reports the ratio; the model's weights do not change its cost, so it is untrained.
+side by side, and reports the ratio (and each curve's sweep alone, from scratch, against the same learned
+sweep); the model's weights do not change its cost, so it is untrained.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -75,24 +77,35 @@ def cmd_bench(args) -> int:
     model = build_semantic_model(run, args.arch)
     ratio = channel_uses_ratio(model, run.test_x)
     rows = []
-    for repeat in range(args.repeats):  # interleaved, so load changes hit both alike
+    sweep = functools.partial(separation.sweep, run.test_x, run.test_y, run.classifier, ratio, args.snr,
+                              design_snr=_design(args, run), seed=run.cfg.seed, batch_size=run.cfg.eval.batch_size)
+    for _ in range(args.repeats):  # interleaved, so load changes hit both alike
         t0 = time.perf_counter()
         snr_sweep(run, {args.arch: model})
         t1 = time.perf_counter()
-        separation.sweep(run.test_x, run.test_y, run.classifier, ratio, args.snr, design_snr=_design(args, run),
-                         seed=run.cfg.seed, batch_size=run.cfg.eval.batch_size)
-        t2 = time.perf_counter()
-        rows.append({"learned_s": t1 - t0, "digital_s": t2 - t1})
-    learned = sorted(r["learned_s"] for r in rows)[len(rows) // 2]
-    digital = sorted(r["digital_s"] for r in rows)[len(rows) // 2]
+        sweep()
+        row = {"learned_s": t1 - t0, "digital_s": time.perf_counter() - t1}
+        for mode in separation.MODES:  # each curve alone, from scratch (no codec cache shared)
+            t = time.perf_counter()
+            sweep(modes=(mode,))
+            row[f"{mode}_alone_s"] = time.perf_counter() - t
+        rows.append(row)
+
+    def median(key):
+        return sorted(r[key] for r in rows)[len(rows) // 2]
+
+    learned, digital = median("learned_s"), median("digital_s")
+    alone = {mode: median(f"{mode}_alone_s") for mode in separation.MODES}
     result = {"dataset": args.dataset, "arch": args.arch, "scale": args.scale, "device": args.device,
               "test_samples": len(run.test_x), "snr_db": args.snr, "ratio": ratio, "repeats": rows,
               "learned_sweep_s": learned, "digital_sweep_s": digital, "digital_over_learned": digital / learned,
+              "curve_alone_over_learned": {mode: t / learned for mode, t in alone.items()},
               "torch_threads": torch.get_num_threads(), "load_avg_1min_at_end": os.getloadavg()[0],
               "cpu_count": os.cpu_count()}
     atomic_text(Path(args.out) / f"digital-bench-{args.device}.json", json.dumps(result, indent=1))
     print(f"{len(run.test_x)} images x {len(args.snr)} SNRs, {args.arch} ({args.scale}, k/n={ratio:.3g}) on {args.device}: "
           f"learned sweep {learned:.1f} s, digital baseline (3 curves) {digital:.1f} s, ratio {digital / learned:.1f}x")
+    print("each curve alone: " + ", ".join(f"{mode} {t:.1f} s ({t / learned:.1f}x)" for mode, t in alone.items()))
     return 0
 
 

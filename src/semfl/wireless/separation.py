@@ -247,6 +247,9 @@ def quality(recon: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, cla
     return out
 
 
+MODES = ("adapted", "designed", "capacity")
+
+
 def design_snr_default(snrs: list[float]) -> float:
     """The middle of the sweep's SNR range."""
     return (min(snrs) + max(snrs)) / 2
@@ -262,12 +265,16 @@ def curve_labels(codec: str, design_snr: float) -> dict[str, str]:
 def sweep(images: torch.Tensor, labels: torch.Tensor, classifier, ratio: float, snrs: list[float],
           kind: str = "awgn", equalize: bool = True, design_snr: float | None = None, codec: str = "jpeg",
           fallback: torch.Tensor | None = None, seed: int = 0, batch_size: int = 500,
-          encoded: EncodedSet | None = None) -> dict[str, dict[str, list]]:
+          encoded: EncodedSet | None = None, modes: tuple[str, ...] = MODES) -> dict[str, dict[str, list]]:
     """The three curves (see the module docstring) over ``snrs``: {label: {metric: [per SNR]}}.
 
     ``ratio`` is k/n, complex channel uses per source value; each SNR point and curve is seeded
-    from ``seed`` so the sweep is repeatable.
+    from ``seed`` so the sweep is repeatable, and a curve's values do not depend on which other
+    ``modes`` (of :data:`MODES`) are swept with it.
     """
+    unknown = set(modes) - set(MODES)
+    if unknown or not modes:
+        raise ValueError(f"modes: {sorted(unknown) or 'none given'}; known: {', '.join(MODES)}")
     if ratio <= 0:
         raise ValueError(f"ratio must be > 0, got {ratio}")
     channel_uses = int(math.floor(ratio * images[0].numel()))
@@ -275,7 +282,7 @@ def sweep(images: torch.Tensor, labels: torch.Tensor, classifier, ratio: float, 
     fallback = images.mean(0) if fallback is None else fallback
     enc = encoded or EncodedSet(images, codec)
     channel = Channel(kind, equalize=equalize)
-    names = curve_labels(codec, design)
+    names = {mode: label for mode, label in curve_labels(codec, design).items() if mode in modes}
     out = {label: {} for label in names.values()}
     for snr in snrs:
         for mode, label in names.items():
@@ -293,5 +300,5 @@ def sweep(images: torch.Tensor, labels: torch.Tensor, classifier, ratio: float, 
     return out
 
 
-__all__ = ["EncodedSet", "curve_labels", "design_snr_default", "quality", "send_at_capacity", "send_digital",
+__all__ = ["MODES", "EncodedSet", "curve_labels", "design_snr_default", "quality", "send_at_capacity", "send_digital",
            "sweep"]
