@@ -257,9 +257,8 @@ def design_snr_default(snrs: list[float]) -> float:
 
 def curve_labels(codec: str, design_snr: float) -> dict[str, str]:
     name = {"jpeg": "JPEG", "webp": "WebP"}[codec]
-    return {"adapted": f"{name} + LDPC + QAM, adapted",
-            "designed": f"{name} + LDPC + QAM, designed for {design_snr:g} dB",
-            "capacity": f"{name} at capacity"}
+    return dict(zip(MODES, (f"{name} + LDPC + QAM, adapted", f"{name} + LDPC + QAM, designed for {design_snr:g} dB",
+                            f"{name} at capacity")))
 
 
 def sweep(images: torch.Tensor, labels: torch.Tensor, classifier, ratio: float, snrs: list[float],

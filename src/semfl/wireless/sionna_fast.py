@@ -145,8 +145,8 @@ class FastLDPC5GDecoder(LDPC5GDecoder):
             if it == num_iter - 1:  # the last iteration: the CRC alone decides
                 bits[active], ok[active] = payload, crc_ok
                 break
-            done = crc_ok.clone()
-            if done.any():
+            done = crc_ok.clone()  # CRC passed and a codeword
+            if crc_ok.any():
                 done[crc_ok] = self._codewords(x_hat[crc_ok])
             if done.any():
                 bits[active[done]], ok[active[done]] = payload[done], True
