@@ -142,7 +142,10 @@ def test_sweep_is_repeatable_and_has_the_three_curves():
     images = smooth_images(8)
     labels = torch.zeros(8, dtype=torch.long)
     a = separation.sweep(images, labels, None, 0.25, [5.0, 20.0], design_snr=12.5)
-    b = separation.sweep(images, labels, None, 0.25, [5.0, 20.0], design_snr=12.5)
+    timings = {"link": 1.0}
+    b = separation.sweep(images, labels, None, 0.25, [5.0, 20.0], design_snr=12.5, timings=timings)
+    assert set(timings) == set(separation.STAGES) and timings["link"] > 1.0  # added to, not replaced
+    assert all(seconds > 0 for seconds in timings.values())
     assert list(a) == ["JPEG + LDPC + QAM, adapted", "JPEG + LDPC + QAM, designed for 12.5 dB", "JPEG at capacity"]
     assert a == b
     cap = a["JPEG at capacity"]
@@ -165,8 +168,15 @@ def test_bench_times_the_three_curves_and_each_alone_against_the_learned_sweep(f
     assert main(args) == 0
     result = json.loads((tmp_path / "digital-bench-cpu.json").read_text())
     row = result["repeats"][0]
-    assert set(row) == {"learned_s", "digital_s", "adapted_alone_s", "designed_alone_s", "capacity_alone_s"}
+    stages = {"digital_link_s", "digital_codec_s", "digital_scoring_s"}
+    floor = {"undecodable_snr_db", "undecodable_link_s", "floor_s"}
+    assert set(row) == {"learned_s", "digital_s", "adapted_alone_s", "designed_alone_s", "capacity_alone_s"} | stages | floor
+    undecodable = row.pop("undecodable_snr_db")
+    assert undecodable == [0.0]  # the fixed design (12.5 dB) loses every image at 0 dB, none at 20 dB
+    assert row["floor_s"] == pytest.approx(row["digital_scoring_s"] + row["undecodable_link_s"])
     assert all(seconds > 0 for seconds in row.values())
+    assert sum(row[k] for k in stages) <= row["digital_s"]  # timed inside the sweep, one after the other
+    assert result["digital_stage_s"] == {k[len("digital_"):-2]: row[k] for k in stages}
     assert result["digital_over_learned"] == pytest.approx(row["digital_s"] / row["learned_s"])
     assert result["curve_alone_over_learned"]["designed"] == pytest.approx(row["designed_alone_s"] / row["learned_s"])
 

@@ -111,7 +111,7 @@ class EvalConfig:
     snr_sweep: list[float] = option(factory=lambda: [0.0, 5.0, 10.0, 15.0, 20.0, 25.0], doc="channel SNRs (dB) at which the final models are tested (snr_sweep.json)")
     sweep_channels: list[str] = option(factory=list, doc="the final SNR sweep again on these channel kinds (a model trained on channel.kind tested on others, e.g. AWGN-trained models under Rayleigh fading: FedSFR Fig 4); channel.equalize applies")
     user_samples: int = option(0, "FedAvg family: each user's locally trained model on this many test images in the evaluated rounds (per-client local accuracy, PSFL Figs 15-16; PSFL's own: psfl.user_eval_samples); 0 = off")
-    digital_baseline: bool = option(False, "the separation baseline in the final SNR sweep at each model's own k/n: \"JPEG + LDPC + QAM, adapted\", \"... designed for digital_design_snr dB\", \"JPEG at capacity\" (docs/digital-baseline.md); off by default: its LDPC decoding costs minutes on 2 CPU cores for 1000 test images")
+    digital_baseline: bool = option(False, "the separation baseline in the final SNR sweep at each model's own k/n: \"JPEG + LDPC + QAM, adapted\", \"... designed for digital_design_snr dB\", \"JPEG at capacity\" (docs/digital-baseline.md); off by default: it takes 2.1-2.5x the learned model's own sweep (26 s for 2000 test images at 6 SNRs on one CPU thread, `semfl baseline bench`)")
     digital_codec: Literal["jpeg", "webp"] = option("jpeg", "source codec of the digital baseline")
     digital_design_snr: float | None = option(None, "design SNR (dB) of the baseline's fixed modulation and code rate; none = the middle of link.snr_min_db..link.snr_max_db")
     converge_metric: str = option("loss", "global metric of the convergence test (semfl.convergence)")

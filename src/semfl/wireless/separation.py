@@ -19,7 +19,9 @@ counted in PSNR, SSIM and classifier accuracy rather than dropped.
 from __future__ import annotations
 
 import math
+import time
 import zlib
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -125,6 +127,17 @@ def _to_tensor(arrays: list[np.ndarray], like: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(like.device, like.dtype) / 255
 
 
+@contextmanager
+def _timed(timings: dict[str, float] | None, stage: str):
+    """Add the block's wall time to ``timings[stage]`` (nothing when ``timings`` is None)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if timings is not None:
+            timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
 FALLBACK, OTHER = -1, -2  # sources of a reconstruction besides a quality index
 
 
@@ -154,9 +167,11 @@ def _reconstruct(enc: EncodedSet, chosen, streams, ok, fallback):
 
 
 def send_digital(enc: EncodedSet, channel_uses: int, mcs: MCS | None, channel: Channel, snr_db: float,
-                 fallback: torch.Tensor, batch_size: int = 500, with_source: bool = False):
+                 fallback: torch.Tensor, batch_size: int = 500, with_source: bool = False,
+                 timings: dict[str, float] | None = None):
     """Reconstructions of ``enc``'s images sent with ``mcs`` at ``snr_db``, and the link's figures
-    (and each image's source, see :func:`_reconstruct`, with ``with_source``)."""
+    (and each image's source, see :func:`_reconstruct`, with ``with_source``). With ``timings``,
+    the seconds spent in the digital link are added to its ``"link"`` entry."""
     plan = digital.layout(channel_uses, mcs) if mcs is not None else None
     n = len(enc.u8)
     if plan is None:
@@ -171,7 +186,8 @@ def send_digital(enc: EncodedSet, channel_uses: int, mcs: MCS | None, channel: C
     received, ok = [], []
     for start in range(0, n, batch_size):
         sent = torch.from_numpy(bits[start:start + batch_size]).to(enc.images.device, torch.float32)
-        r, o = digital.transmit(sent, plan, channel, snr_db, need=need[start:start + batch_size])
+        with _timed(timings, "link"):
+            r, o = digital.transmit(sent, plan, channel, snr_db, need=need[start:start + batch_size])
         received.append(r.round().to(torch.uint8).cpu().numpy())
         ok.append(o.cpu().numpy())
     received, ok = np.concatenate(received), np.concatenate(ok)
@@ -248,6 +264,7 @@ def quality(recon: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, cla
 
 
 MODES = ("adapted", "designed", "capacity")
+STAGES = ("link", "codec", "scoring")  # where a sweep's time goes (``sweep(timings=...)``)
 
 
 def design_snr_default(snrs: list[float]) -> float:
@@ -264,12 +281,16 @@ def curve_labels(codec: str, design_snr: float) -> dict[str, str]:
 def sweep(images: torch.Tensor, labels: torch.Tensor, classifier, ratio: float, snrs: list[float],
           kind: str = "awgn", equalize: bool = True, design_snr: float | None = None, codec: str = "jpeg",
           fallback: torch.Tensor | None = None, seed: int = 0, batch_size: int = 500,
-          encoded: EncodedSet | None = None, modes: tuple[str, ...] = MODES) -> dict[str, dict[str, list]]:
+          encoded: EncodedSet | None = None, modes: tuple[str, ...] = MODES,
+          timings: dict[str, float] | None = None) -> dict[str, dict[str, list]]:
     """The three curves (see the module docstring) over ``snrs``: {label: {metric: [per SNR]}}.
 
     ``ratio`` is k/n, complex channel uses per source value; each SNR point and curve is seeded
     from ``seed`` so the sweep is repeatable, and a curve's values do not depend on which other
-    ``modes`` (of :data:`MODES`) are swept with it.
+    ``modes`` (of :data:`MODES`) are swept with it. With ``timings`` (a dict), the seconds spent
+    are added to its entries :data:`STAGES`: the digital link (CRC, LDPC, QAM, channel, demapping,
+    decoding), the source codec (choosing the quality, encoding, the bitstream, decoding) and the
+    scoring (PSNR, SSIM, classifier); their sum is the sweep's time but for a few milliseconds.
     """
     unknown = set(modes) - set(MODES)
     if unknown or not modes:
@@ -283,21 +304,28 @@ def sweep(images: torch.Tensor, labels: torch.Tensor, classifier, ratio: float, 
     channel = Channel(kind, equalize=equalize)
     names = {mode: label for mode, label in curve_labels(codec, design).items() if mode in modes}
     out = {label: {} for label in names.values()}
+    stages = dict.fromkeys(STAGES, 0.0)  # "codec" gathers the sending's time, the link's taken out below
     for snr in snrs:
         for mode, label in names.items():
             seed_channels(zlib.crc32(f"{seed}/digital/{mode}/{snr!r}".encode()))
-            if mode == "capacity":
-                recon, info, source = send_at_capacity(enc, channel_uses, channel, snr, fallback, with_source=True)
-            else:
-                mcs = choose_mcs(snr if mode == "adapted" else design)
-                recon, info, source = send_digital(enc, channel_uses, mcs, channel, snr, fallback, batch_size,
-                                                   with_source=True)
-            row = {**quality(recon, images, labels, classifier, batch_size, enc, source), **info,
-                   "channel_uses": channel_uses}
+            with _timed(stages, "codec"):
+                if mode == "capacity":
+                    recon, info, source = send_at_capacity(enc, channel_uses, channel, snr, fallback, with_source=True)
+                else:
+                    mcs = choose_mcs(snr if mode == "adapted" else design)
+                    recon, info, source = send_digital(enc, channel_uses, mcs, channel, snr, fallback, batch_size,
+                                                       with_source=True, timings=stages)
+            with _timed(stages, "scoring"):
+                scored = quality(recon, images, labels, classifier, batch_size, enc, source)
+            row = {**scored, **info, "channel_uses": channel_uses}
             for key, value in row.items():
                 out[label].setdefault(key, []).append(value)
+    stages["codec"] -= stages["link"]
+    if timings is not None:
+        for stage, seconds in stages.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
     return out
 
 
-__all__ = ["MODES", "EncodedSet", "curve_labels", "design_snr_default", "quality", "send_at_capacity", "send_digital",
+__all__ = ["MODES", "STAGES", "EncodedSet", "curve_labels", "design_snr_default", "quality", "send_at_capacity", "send_digital",
            "sweep"]
