@@ -161,6 +161,7 @@ def test_config_show_lists_the_core_and_the_method_tables(capsys):
     assert rows["rounds"].startswith(" *rounds") and " 3 " in rows["rounds"] and "(default 10)" in rows["rounds"]
     assert "upper clip of the pruned fraction" in rows["psfl.zeta_max"]
     assert "train.lr" in rows and "engine.workers" in rows and not any(k.startswith("stc.") for k in rows)
+    assert "log.checkpoint_every" in rows and "log.mlflow_uri" in rows  # every core table, [log] too
     assert main(["config", "show", "--method", "fedproto", "--json"]) == 0
     import json
 

@@ -58,7 +58,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = option("csc", "a registered semantic-model family: csc, jscc, gsc-m, gsc-l, gsc-h")
+    arch: str = option("csc", "a registered semantic-model family: csc, jscc, gsc-m, gsc-l, gsc-h, vq-jscc (`semfl models` lists them)")
     semantic_dim: int = option(0, "width of the semantic features; 0 = the preset's value")
     symbols_per_token: int = option(0, "complex channel uses per token; 0 = the preset's value")
 
@@ -197,7 +197,7 @@ def register_table(name: str, options_cls: type) -> type:
     return options_cls
 
 
-CORE_TABLES = ("data", "model", "channel", "link", "train", "eval", "classifier", "engine")
+CORE_TABLES = ("data", "model", "channel", "link", "train", "eval", "classifier", "engine", "log")
 
 
 # method name -> the method tables it reads (Method.tables), filled by the method registry
