@@ -162,8 +162,10 @@ def test_increasing_ratio_keeps_old_pruned_set(scope):
     g = torch.Generator().manual_seed(0)
     w = _weights(1)
     m1, _ = update_masks(w, None, 0.3, scope, g)
-    # weights move between rounds (training); pruned positions are 0 in the protocol
-    w2 = apply({k: v + 0.5 * torch.randn_like(v) for k, v in _weights(2).items()}, m1)
+    # weights move between rounds (training); the old pruned positions get the largest magnitudes,
+    # so plain magnitude pruning of w2 would keep them: they must stay pruned all the same
+    w2 = {k: v + 0.5 * torch.randn_like(v) for k, v in _weights(2).items()}
+    w2.update({k: torch.where(m1[k] == 0, torch.full_like(w2[k], 100.0), w2[k]) for k in PRUNABLE})
     m2, info = update_masks(w2, m1, 0.6, scope, g)
     assert _pruned_set(m1) < _pruned_set(m2)
     n = _n_prunable(w)
@@ -199,10 +201,6 @@ def test_decreasing_ratio_regrows_exact_count_deterministically(scope):
     # regrown positions were pruned before; nothing new is pruned
     assert _pruned_set(m_lo) < _pruned_set(m_hi)
     assert len(_pruned_set(m_hi) - _pruned_set(m_lo)) == info["regrown"]
-    # regrown weights start at 0
-    regrown_vals = apply(w_hi, m_lo)
-    for k, i in _pruned_set(m_hi) - _pruned_set(m_lo):
-        assert float(regrown_vals[k].reshape(-1)[i]) == 0.0
     # same generator seed -> same regrown set; different seed -> (almost surely) different
     m_again, _ = update_masks(w_hi, m_hi, 0.25, scope, torch.Generator().manual_seed(7))
     assert all(torch.equal(m_lo[k], m_again[k]) for k in PRUNABLE)
@@ -213,7 +211,11 @@ def test_decreasing_ratio_regrows_exact_count_deterministically(scope):
 def test_equal_ratio_is_a_no_op():
     w = _weights()
     m1, _ = update_masks(w, None, 0.5, "global", torch.Generator().manual_seed(0))
-    m2, info = update_masks(apply(w, m1), m1, 0.5, "global", torch.Generator().manual_seed(0))
+    # other weights, the pruned positions the largest: magnitude pruning alone would pick another set
+    w2 = {k: torch.where(m1[k] == 0, torch.full_like(v, 100.0), v) if k in PRUNABLE else v
+          for k, v in _weights(5).items()}
+    assert any(not torch.equal(m1[k], magnitude_masks(w2, 0.5)[k]) for k in PRUNABLE)
+    m2, info = update_masks(w2, m1, 0.5, "global", torch.Generator().manual_seed(0))
     assert all(torch.equal(m1[k], m2[k]) for k in PRUNABLE)
     assert info["regrown"] == 0 and info["newly_pruned"] == 0
 
@@ -225,3 +227,53 @@ def test_sparse_bits_fall_as_ratio_rises():
     codec = get_codec("sparse")
     bits = [codec.bits(apply(w, magnitude_masks(w, z))) for z in (0.0, 0.3, 0.6, 0.9)]
     assert all(a > b for a, b in zip(bits, bits[1:])), bits
+
+
+# ---------------------------------------------------------------- the base station's regrowth (PSFL._prune)
+
+def _base_station(snrs_of_round: dict[int, list[float]], weights: dict[str, torch.Tensor], seed: int = 0):
+    """PSFL's base-station state for :meth:`PSFL._prune` alone: config, options, the users' link
+    SNRs per round and the global weights (no users, models or transport are needed)."""
+    from types import SimpleNamespace
+
+    from semfl.config import load_config
+    from semfl.methods.psfl.psfl import PSFL
+
+    station = PSFL.__new__(PSFL)
+    station.cfg = load_config(None, ["method=psfl", f"seed={seed}"])
+    station.options = station.cfg.table("psfl")
+    station.run = SimpleNamespace(link=SimpleNamespace(snrs_db=lambda round_: snrs_of_round[round_]))
+    station.global_weights, station.masks = weights, None
+    return station
+
+
+def test_regrown_weights_restart_at_the_smallest_kept_magnitude_with_seeded_signs():
+    rounds = {1: [0.0, 2.5], 2: [20.0, 25.0]}  # eq 26: zeta 0.9 (clipped), then 0.1: regrowth
+    station = _base_station(rounds, _weights(4))
+    assert station._prune(1)["prune_ratio"] == pytest.approx(0.9, abs=0.01)
+    before, old = {k: v.clone() for k, v in station.global_weights.items()}, station.masks
+    info = station._prune(2)
+    assert info["regrown"] == round(0.9 * _n_prunable(before)) - round(0.1 * _n_prunable(before))
+    grown_total, signs, seen = 0, [], set()
+    for k in PRUNABLE:
+        grown = (station.masks[k] > 0) & (old[k] == 0)
+        kept = station.global_weights[k][(station.masks[k] > 0) & ~grown].abs()
+        values = station.global_weights[k][grown]
+        # ±(the smallest kept |w| of the tensor); 1e-3 where the whole tensor was pruned (conv here)
+        scale = float(kept.min()) if kept.numel() else 1e-3
+        assert scale > 0 and torch.equal(values.abs(), torch.full_like(values, scale))
+        empty_tensors = kept.numel() == 0
+        assert torch.equal(station.global_weights[k][~grown & (station.masks[k] > 0)], before[k][~grown & (old[k] > 0)])
+        grown_total += int(grown.sum())
+        signs.append(torch.sign(values))
+        seen.add(empty_tensors)
+    assert seen == {True, False}  # both cases met: a tensor with weights kept, one pruned whole
+    assert grown_total == info["regrown"]
+    signs = torch.cat(signs)
+    assert (signs > 0).any() and (signs < 0).any()  # random signs, not one sign for all
+    # the same seed and round give the same regrowth; another seed another one
+    for seed, same in ((0, True), (1, False)):
+        again = _base_station(rounds, _weights(4), seed)
+        again._prune(1)
+        again._prune(2)
+        assert all(torch.equal(again.global_weights[k], station.global_weights[k]) for k in PRUNABLE) == same
