@@ -102,6 +102,20 @@ def test_agp_ratio_follows_eq26_and_bits_fall(plain_run):
     assert all(r["uplink_bits"] < dense_bits for r in links)
 
 
+def test_objective_is_loss_plus_eta_times_the_uplink_energy_so_far(plain_run):
+    """Eq 15's objective per evaluated round: the global loss + eta * the users' uplink energy summed
+    over every link row (user and round) up to that round, from the link rows the run wrote."""
+    _, cfg, rows, _ = plain_run
+    links = [r for r in rows if r["scope"] == "link"]
+    evaluated = [r for r in rows if r["scope"] == "global" and "objective" in r]
+    assert len(evaluated) >= 2 and any(r["round"] > 0 for r in evaluated)
+    for row in evaluated:
+        energy = sum(r["uplink_energy_j"] for r in links if r["round"] <= row["round"])
+        assert row.get("cumulative_uplink_energy_j", 0.0) == pytest.approx(energy, rel=1e-12)
+        assert row["objective"] == pytest.approx(row["loss"] + cfg.link.eta * energy, rel=1e-12)
+    assert evaluated[-1]["cumulative_uplink_energy_j"] > 0
+
+
 def _student(cfg):
     from semfl.wireless.channel import Channel
     from semfl.models import ImageSpec, build_model
