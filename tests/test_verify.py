@@ -70,6 +70,23 @@ groups = ["fedavg__alpha0.1", "fedavg__alpha0.1"]
 direction = "less"
 
 [[claims]]
+id = "fedavg-above-psfl"
+text = "FedAvg beats PSFL at r = 0.9 (the toy runs say the opposite)"
+sweep = "sweep.toml"
+metric = "accuracy"
+groups = ["fedavg__alpha0.9", "psfl__alpha0.9"]
+direction = "greater"
+
+[[claims]]
+id = "psfl-above-0.55"
+text = "PSFL's accuracy at r = 0.9 is above 0.55"
+sweep = "sweep.toml"
+metric = "accuracy"
+groups = ["psfl__alpha0.9"]
+than = 0.55
+direction = "greater"
+
+[[claims]]
 id = "ceiling"
 text = "the centralised bound is above PSFL"
 sweep = "sweep.toml"
@@ -139,6 +156,16 @@ def test_verify_reads_runs_and_gives_intervals_and_verdicts(toy, tmp_path, capsy
     rises = by_id["rises"]
     assert rises["seeds"] == [100, 101, 102, 103, 104] and rises["ci95"] == pytest.approx([-1.0, -1.0])
     assert rises["verdict"] == "holds"
+    # the same pairs the other way round: an interval wholly below 0 reverses the claim
+    opposite = by_id["fedavg-above-psfl"]
+    assert opposite["mean"] == pytest.approx(-mean) and opposite["ci95"] == pytest.approx([-mean - half, -mean + half])
+    assert opposite["verdict"] == "reversed"
+    # one group against a constant: all 5 PSFL seeds, diffs 0.05 0.07 0.03 0.06 0.04 -> t with 4 dof
+    constant = by_id["psfl-above-0.55"]
+    assert constant["seeds"] == [100, 101, 102, 103, 104]
+    assert constant["diffs"] == pytest.approx([0.05, 0.07, 0.03, 0.06, 0.04])
+    half5 = T4 * math.sqrt(0.001 / 4) / math.sqrt(5)
+    assert constant["ci95"] == pytest.approx([0.05 - half5, 0.05 + half5]) and constant["verdict"] == "holds"
     # a bound the sweep does not have yet: reported, not fatal
     assert by_id["ceiling"]["verdict"] == "not run" and "centralised" in by_id["ceiling"]["notes"][0]
     assert doc["seeds"] == [100, 101, 102, 103, 104] and doc["tuning_seeds"] == [0]
@@ -148,6 +175,8 @@ def test_verify_reads_runs_and_gives_intervals_and_verdicts(toy, tmp_path, capsy
     assert f"{mean:.4g} [{mean - half:.4g}, {mean + half:.4g}] | **holds** |" in table
     assert "- `psfl-above-fedavg`: a toy" in table and "Wall time:" in table
     assert "Runs: 14 of the 15 the claims need had finished (`--run-missing` runs the others)." in table
+    assert "| accuracy(fedavg__alpha0.9) − accuracy(psfl__alpha0.9) > 0 |" in table and "**reversed**" in table
+    assert "| accuracy(psfl__alpha0.9) − 0.55 > 0 |" in table
 
 
 def test_verify_tables_each_group_with_its_start_objective_and_interval(toy):
@@ -257,7 +286,8 @@ def test_compare_reports_claims(toy, tmp_path):
     assert "psfl-above-fedavg" in summary and "**holds**" in summary
     doc = json.loads((out / "summary.json").read_text())
     verdicts = {c["id"]: c["verdict"] for c in doc["claims"]}
-    assert verdicts == {"psfl-above-fedavg": "holds", "energy": "holds", "rises": "holds", "ceiling": "not run"}
+    assert verdicts == {"psfl-above-fedavg": "holds", "energy": "holds", "rises": "holds", "fedavg-above-psfl": "reversed",
+                        "psfl-above-0.55": "holds", "ceiling": "not run"}
     assert "psfl-above-fedavg" in (out / "report.html").read_text()
 
 
