@@ -163,22 +163,87 @@ def test_same_config_and_seed_give_fresh_masks_and_the_same_sum():
     assert all(torch.equal(first[k], second[k]) for k in SHAPES)
 
 
-def test_users_refuse_inconsistent_unmasking_and_tampered_shares():
-    user_updates = updates(4)
-    transport = Recording(protocol_handlers(user_updates))
+def _three_users_after_sharing(user_updates):
+    """Three users through steps 1-2 (keys, encrypted shares): their states, public keys and ciphertexts."""
     states = [{} for _ in range(3)]
     keys = [secagg.user_keys(s) for s in states]
     table = {f"{n}/{u}": keys[u][n] for u in range(3) for n in ("c_pk", "s_pk")}
     sent = [secagg.user_shares(states[u], u, table, 2) for u in range(3)]
+    return states, keys, sent
+
+
+def test_masks_and_share_keys_come_from_x25519_agreement_of_a_private_key():
+    """A masked input is the fixed-point update + AES-CTR(b_u) + the pairwise masks, each keyed by
+    HKDF-SHA256 of an X25519 secret, derived here with the cryptography package from one user's
+    private key (which never leaves it) and the other's public key; a key anyone could compute from
+    the relayed public keys would not match. The same for the keys sealing the relayed shares."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    def key(private: bytes, public: torch.Tensor, purpose: bytes) -> bytes:
+        secret = X25519PrivateKey.from_private_bytes(private).exchange(
+            X25519PublicKey.from_public_bytes(public.numpy().tobytes()))
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"semfl-secagg/" + purpose).derive(secret)
+
+    def aes_ctr(k: bytes, count: int) -> np.ndarray:
+        encryptor = Cipher(algorithms.AES(k), modes.CTR(bytes(16))).encryptor()
+        return np.frombuffer(encryptor.update(bytes(8 * count)), dtype=np.uint64)
+
+    user_updates = updates(5)
+    states, keys, sent = _three_users_after_sharing(user_updates)
+    private = [s[secagg.STATE] for s in states]
+    # user 1 opens user 0's ciphertext with its own private c key and user 0's public one
+    plain = AESGCM(key(private[1]["c_sk"], keys[0]["c_pk"], b"shares")).decrypt(
+        secagg.as_bytes(sent[0]["to/1"])[:12], secagg.as_bytes(sent[0]["to/1"])[12:], None)
+    assert secagg._unpack_shares(plain)[:2] == (0, 1)  # it opens (a wrong key raises InvalidTag): from 0, to 1
+    masked = secagg.mask_input(states[0], 0, {1: sent[1]["to/0"], 2: sent[2]["to/0"]}, [0, 1, 2], user_updates[0],
+                               FRAC_BITS)
+    ring = np.concatenate([masked[k].reshape(-1).numpy().view(np.uint64) for k in sorted(masked)])
+    expected = secagg.encode(user_updates[0], FRAC_BITS, 3) + aes_ctr(private[0]["b"], ring.size)
+    for v in (1, 2):  # user 0 adds the masks of the pairs with larger indices
+        pair = key(private[0]["s_sk"], keys[v]["s_pk"], b"mask")
+        assert pair == key(private[v]["s_sk"], keys[0]["s_pk"], b"mask")  # both ends agree
+        expected = expected + aes_ctr(pair, ring.size)
+    assert np.array_equal(ring, expected)
+
+
+def test_users_refuse_inconsistent_unmasking_and_tampered_shares():
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    user_updates = updates(4)
+    states, keys, sent = _three_users_after_sharing(user_updates)
     tampered = sent[1]["to/0"].clone()
     tampered[-1] ^= 1
     with pytest.raises(InvalidTag):
         secagg.mask_input(states[0], 0, {1: tampered, 2: sent[2]["to/0"]}, [0, 1, 2], user_updates[0], FRAC_BITS)
-    secagg.mask_input(states[0], 0, {1: sent[1]["to/0"], 2: sent[2]["to/0"]}, [0, 1, 2], user_updates[0], FRAC_BITS)
-    with pytest.raises(ValueError, match="inconsistent survivors/dropped"):
-        secagg.user_unmask(states[0], 0, survivors=[0, 1], dropped=[1])  # both shares of user 1: refused
-    assert secagg.STATE not in states[0]  # the round's secrets are gone either way
-    assert transport is not None and split_request(Payload({"w": torch.ones(1), "from/3": torch.ones(2)}))[1].keys() == {3}
+    # user 1 seals, under its key with user 0, shares that claim to come from user 2
+    c_sk1 = states[1][secagg.STATE]["c_sk"]
+    forged = AESGCM(secagg.agree(c_sk1, secagg.as_bytes(keys[0]["c_pk"]), b"shares")).encrypt(
+        bytes(12), secagg._pack_shares(2, 0, bytes(32), bytes(32)), None)
+    with pytest.raises(ValueError, match="claims to be from 2 to 0"):
+        secagg.mask_input(states[0], 0, {1: secagg.as_tensor(bytes(12) + forged), 2: sent[2]["to/0"]}, [0, 1, 2],
+                          user_updates[0], FRAC_BITS)
+    for sharers in ([1, 2], [0], [0, 1, 7]):  # without itself, under t = 2, a user who held no keys
+        with pytest.raises(ValueError, match="inconsistent set of sharers"):
+            secagg.mask_input(states[0], 0, {1: sent[1]["to/0"], 2: sent[2]["to/0"]}, sharers, user_updates[0], FRAC_BITS)
+    refusals = {"both shares of user 1": dict(survivors=[0, 1], dropped=[1]),
+                "a user outside the sharers": dict(survivors=[0, 1, 5], dropped=[]),
+                "fewer survivors than t = 2": dict(survivors=[0], dropped=[1, 2]),
+                "the asked user not a survivor": dict(survivors=[1, 2], dropped=[0])}
+    for case, lists in refusals.items():
+        states, _, sent = _three_users_after_sharing(user_updates)
+        secagg.mask_input(states[0], 0, {1: sent[1]["to/0"], 2: sent[2]["to/0"]}, [0, 1, 2], user_updates[0],
+                          FRAC_BITS)
+        with pytest.raises(ValueError, match="inconsistent survivors/dropped"):
+            secagg.user_unmask(states[0], 0, **lists)
+        assert secagg.STATE not in states[0], case  # the round's secrets are gone either way
+    # the same lists, consistent: answered
+    secagg.mask_input(states[1], 1, {0: sent[0]["to/1"], 2: sent[2]["to/1"]}, [0, 1, 2], user_updates[1], FRAC_BITS)
+    assert set(secagg.user_unmask(states[1], 1, survivors=[0, 1], dropped=[2])) == {"b/0", "b/1", "s/2"}
+    assert split_request(Payload({"w": torch.ones(1), "from/3": torch.ones(2)}))[1].keys() == {3}
 
 
 def test_config_errors_name_the_field():
