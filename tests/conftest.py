@@ -185,9 +185,29 @@ def local_method(method_cls, overrides: list[str], round_: int = 1):
     return cfg, run, user_data, transport, method
 
 
+def lines_before(run_dir: Path, round_: int) -> list[str]:
+    """The metrics lines a run wrote for the rounds before ``round_`` (those it finished before a
+    kill in ``round_``); :func:`assert_kept` checks a resume kept them."""
+    import json
+
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    done = [line for line in lines if json.loads(line)["round"] < round_]
+    assert done, f"{run_dir}: no rows of the rounds before {round_}"
+    return done
+
+
+def assert_kept(run_dir: Path, lines: list[str]) -> None:
+    """A resumed run kept the rows of the rounds finished before the kill as they were written,
+    wall_s included; a run that started over instead (deterministic as runs are, its metrics would
+    be the same) rewrites them."""
+    assert (Path(run_dir) / "metrics.jsonl").read_text().splitlines()[:len(lines)] == lines
+
+
 def whole_and_resumed(cfg, tmp: Path, monkeypatch, owner, attribute: str, round_: int, keep: tuple[str, ...]):
     """Run cfg once whole, once killed (KeyboardInterrupt) when ``owner.attribute`` is first called
-    in ``round_`` and then resumed; return both runs' metric rows cut to ``keep``."""
+    in ``round_`` and then resumed; return both runs' metric rows cut to ``keep``. The resumed run
+    must really resume: ``owner.attribute`` is not called again in a round before ``round_``
+    (starting over would give the same metrics, deterministic as runs are)."""
     from semfl.files import read_jsonl
     from semfl.runtimes.run import Runner
 
@@ -197,18 +217,30 @@ def whole_and_resumed(cfg, tmp: Path, monkeypatch, owner, attribute: str, round_
 
     from semfl.protocol.context import UserContext
 
-    def killed(self, *args, **kwargs):
+    def now(self, args):
         # a user handler knows the round from its context (it runs on the users' half, which runs no round)
-        now = args[0].round if args and isinstance(args[0], UserContext) else self.transport.round
-        if now == round_:
+        return args[0].round if args and isinstance(args[0], UserContext) else self.transport.round
+
+    def killed(self, *args, **kwargs):
+        if now(self, args) == round_:
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(owner, attribute, killed)
     with pytest.raises(KeyboardInterrupt):
         Runner(cfg, tmp / "resumed", **quiet).execute()
-    monkeypatch.setattr(owner, attribute, original)
+    done = lines_before(tmp / "resumed", round_)
+    rounds = []
+
+    def recorded(self, *args, **kwargs):
+        rounds.append(now(self, args))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, attribute, recorded)
     Runner(cfg, tmp / "resumed", resume=True, **quiet).execute()
+    monkeypatch.setattr(owner, attribute, original)
+    assert rounds and min(rounds) == round_, f"the resumed run called {attribute} in rounds {sorted(set(rounds))}"
+    assert_kept(tmp / "resumed", done)
     return [[{k: r.get(k) for k in keep} for r in read_jsonl(tmp / d / "metrics.jsonl")] for d in ("whole", "resumed")]
 
 

@@ -12,6 +12,7 @@ from semfl.protocol import seeding
 from semfl.files import read_jsonl
 from semfl.runtimes.run import Runner
 from semfl.training import load_weights, local_train, weights_of
+from conftest import assert_kept, lines_before
 
 SPEC = ImageSpec(1, 28, 28, 10)
 SEEDS = [101, 202, 303]
@@ -195,7 +196,9 @@ def test_psfl_resume_from_per_user_checkpoint_files(tiny_overrides, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "killed")
     monkeypatch.setattr(LocalTransport, "send", original)
+    done = lines_before(tmp_path / "killed", 2)
     assert run(tmp_path / "killed", resume=True) == reference
+    assert_kept(tmp_path / "killed", done)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from semfl.config import ConfigError, load_config
 from semfl.files import read_jsonl
 from semfl.runtimes.run import Runner, build_context, participants
 from semfl.training import weights_of
+from conftest import assert_kept, lines_before
 
 METHODS = ["stc", "fttq", "fedpaq", "topk"]
 # per-method extras of the end-to-end runs: FedPAQ samples 2 of 3 users and trains tau = 3 steps
@@ -194,7 +195,9 @@ def test_stc_resume_after_kill_matches_uninterrupted(runs, base, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         Runner(cfg, tmp / "stc-killed", show_progress=False, log=lambda m: None).execute()
     monkeypatch.setattr(LocalTransport, "send", original)
+    done = lines_before(tmp / "stc-killed", 2)
     Runner(cfg, tmp / "stc-killed", resume=True, show_progress=False, log=lambda m: None).execute()
+    assert_kept(tmp / "stc-killed", done)
     resumed = read_jsonl(tmp / "stc-killed" / "metrics.jsonl")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
     assert strip(resumed) == strip(reference)

@@ -12,7 +12,7 @@ pytest.importorskip("flwr")
 
 from semfl.wireless.codecs import Payload  # noqa: E402
 from semfl.config import load_config  # noqa: E402
-from conftest import SHORT_RUN, method_group  # noqa: E402
+from conftest import SHORT_RUN, assert_kept, lines_before, method_group  # noqa: E402
 from semfl.methods import available_methods  # noqa: E402
 from semfl.files import read_jsonl  # noqa: E402
 from flower_loopback import LoopbackGrid  # noqa: E402
@@ -256,7 +256,9 @@ def test_resume_after_base_station_crash_matches(method_run, flower_overrides, t
             run_flower(overrides, tmp_path / "crashed")
     finally:
         FlowerTransport.send = original
+    done = lines_before(tmp_path / "crashed", 2)
     resumed = run_flower(overrides, tmp_path / "crashed", resume=True)
+    assert_kept(tmp_path / "crashed", done)
     assert_same_metrics(reference, resumed)
     resumed_sweep = sweep_points(tmp_path / "crashed")
     assert resumed_sweep and resumed_sweep.keys() == sweep_points(reference_dir).keys()

@@ -11,6 +11,7 @@ from semfl.config import load_config
 from semfl.files import read_jsonl
 from semfl.runtimes.local import LocalTransport
 from semfl.runtimes.run import Runner
+from conftest import assert_kept, lines_before
 
 # the tests that compare with the default tiny run share it (default_run): one worker makes it once
 pytestmark = pytest.mark.xdist_group("run-default-tiny")
@@ -107,8 +108,10 @@ def test_resume_after_kill_matches_uninterrupted(tiny_overrides, tmp_path, monke
         run(tiny_overrides, tmp_path / "killed")
     monkeypatch.setattr(LocalTransport, "send", original)
     assert calls["n"] == 1
+    done = lines_before(tmp_path / "killed", 2)
     resumed = stable(run(tiny_overrides, tmp_path / "killed", resume=True))
     assert resumed == reference
+    assert_kept(tmp_path / "killed", done)
 
 
 def test_existing_run_needs_resume_and_same_config(tiny_overrides, tmp_path, capsys):
