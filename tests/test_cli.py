@@ -211,6 +211,36 @@ def test_atomic_files_get_the_permissions_of_a_plain_open(tmp_path, umask):
     assert mode_atomic == stat.S_IMODE((tmp_path / "b.jsonl").stat().st_mode) == 0o666 & ~umask
 
 
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this")
+
+
+def test_a_write_that_fails_midway_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    import torch
+
+    from semfl.files import atomic_text, atomic_write
+    from semfl.protocol.checkpoint import load_checkpoint, save_checkpoint
+
+    target = tmp_path / "summary.json"
+    atomic_text(target, "old")
+
+    def killed_halfway(handle):
+        handle.write(b"new, half writ")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, killed_halfway)
+    assert target.read_text() == "old"
+    checkpoint = tmp_path / "checkpoint" / "state.pt"
+    save_checkpoint(checkpoint, {"round": 1, "w": torch.ones(3)})
+    with pytest.raises(RuntimeError, match="cannot pickle"):  # fails after torch.save began writing
+        save_checkpoint(checkpoint, {"round": 2, "w": torch.zeros(1000), "z": _Unpicklable()})
+    assert load_checkpoint(checkpoint)["round"] == 1
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == \
+        ["checkpoint/state.pt", "summary.json"]
+
+
 def test_pretrain_writes_under_runs_and_its_file_is_a_mentor_checkpoint(tiny_overrides, tmp_path, monkeypatch,
                                                                           capsys):
     """The documented step: `semfl pretrain` writes runs/mentors/...; psfl.mentor_checkpoint takes it."""

@@ -78,6 +78,22 @@ def test_distributed_mode_sum_has_target_std():
     assert abs(total.std().item() - 2.0) / 2.0 < 0.05
 
 
+def test_privatize_clips_then_adds_noise_of_std_z_c():
+    n = 40_000
+    update = {"w": 10.0 * torch.randn(n, generator=torch.Generator().manual_seed(1)), "steps": torch.tensor(7)}
+    for mode, std in (("local", 0.5 * 2.0), ("distributed", 0.5 * 2.0 / 2)):  # z = 0.5, C = 2, m = 4
+        cfg = DPConfig(enabled=True, clip_norm=2.0, noise_multiplier=0.5, mode=mode)
+        out, norm = privatize(update, cfg, 4, torch.Generator().manual_seed(0))
+        assert norm == pytest.approx(float(update["w"].double().norm()), rel=1e-9)
+        noise = out["w"] - update["w"] * (2.0 / norm)  # what is left once the clipped update is taken away
+        # n draws: the sample std is within 2 % (5 sigma: sd sqrt(1 / 2n) = 0.35 %), the mean near 0
+        assert float(noise.std()) == pytest.approx(std, rel=0.02) and abs(float(noise.mean())) < 5 * std / n ** 0.5
+        assert abs(float(torch.corrcoef(torch.stack([noise, update["w"]]))[0, 1])) < 5 / n ** 0.5
+        assert torch.equal(out["steps"], update["steps"])  # integer buffers are not noised
+        # clipped first: the norm is sqrt(C^2 + n std^2), not C as noising before clipping would leave
+        assert update_norm(out) == pytest.approx(math.sqrt(4 + n * std ** 2), rel=0.02)
+
+
 def test_privatize_clips_then_noises_and_bad_mode_rejected():
     cfg = DPConfig(enabled=True, clip_norm=1.0, noise_multiplier=0.0)
     out, norm = privatize(make_update(2, 10.0), cfg, 3, torch.Generator().manual_seed(0))
