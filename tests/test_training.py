@@ -216,12 +216,23 @@ def test_evaluate_semantic():
     high = evaluate_semantic(model, classifier, x, y, 200.0, batch_size=7)
     seed_channels(0)
     high_one = evaluate_semantic(model, classifier, x, y, 200.0, batch_size=100)
-    for key in ("mse", "ce", "accuracy", "psnr_db"):
+    for key in ("mse", "ce", "accuracy", "psnr_db", "ssim"):
         assert high[key] == pytest.approx(high_one[key], rel=1e-5, abs=1e-6), key
     with torch.no_grad():
         recon = model(x, 200.0).recon
         logits = classifier(recon)
+    assert high_one["ssim"] == pytest.approx(float(metrics.ssim(recon, x)), rel=1e-5)
     assert high_one["mse"] == pytest.approx(float(F.mse_loss(recon, x)), rel=1e-5)
     assert high_one["ce"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
     assert high_one["accuracy"] == pytest.approx(float((logits.argmax(1) == y).float().mean()))
     assert high_one["psnr_db"] == pytest.approx(float(metrics.psnr_per_image(recon, x).mean()), rel=1e-5)
+    # at the SNR asked for: the model's own output at -10 dB on the same channel draws (this untrained
+    # model's output moves little with the noise, but measurably: 1e-5 relative is far below the gap)
+    seed_channels(0)
+    noisy = evaluate_semantic(model, classifier, x, y, -10.0, batch_size=100)
+    seed_channels(0)
+    with torch.no_grad():
+        recon_noisy = model(x, torch.full((len(x),), -10.0)).recon
+    assert noisy["mse"] == pytest.approx(float(F.mse_loss(recon_noisy, x)), rel=1e-6)
+    assert noisy["ssim"] == pytest.approx(float(metrics.ssim(recon_noisy, x)), rel=1e-6)
+    assert noisy["mse"] != pytest.approx(high_one["mse"], rel=1e-4)
