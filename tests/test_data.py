@@ -348,6 +348,21 @@ def test_iid_even_sizes():
     assert sorted({len(p) for p in parts}) == [100, 101]
 
 
+def test_iid_users_see_the_whole_label_distribution():
+    """Each user's labels follow the data's (a split of sorted labels would give each user one or two
+    classes): every class present, and each count within 5 sigma of the binomial mean."""
+    labels = _labels(6000)
+    for sizes in (None, [300, 600, 900, 1200, 1500, 1500]):
+        parts = partition(labels, 6, "iid", seed=3, sizes=sizes)
+        hist = class_histogram(labels, parts, 10)
+        share = np.bincount(labels, minlength=10) / len(labels)
+        for row in hist:
+            n = row.sum()
+            expected, sd = n * share, np.sqrt(n * share * (1 - share))
+            assert np.all(np.abs(row - expected) < 5 * sd), row
+        assert _mean_entropy(hist) > 0.95 * np.log(10)
+
+
 def _mean_entropy(hist: np.ndarray) -> float:
     p = hist / np.maximum(hist.sum(axis=1, keepdims=True), 1)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -377,6 +392,9 @@ def test_sizes_respected(scheme):
     parts = partition(labels, 9, scheme, seed=4, sizes=PSFL_SIZES, alpha=0.5, ways=5, num_classes=10)
     assert [len(p) for p in parts] == PSFL_SIZES
     _assert_disjoint_valid(parts, len(labels))
+    if scheme == "ways_shots":  # sizes or not, each user holds ways ± sigma classes (sigma 1 by default)
+        classes = (class_histogram(labels, parts, 10) > 0).sum(1)
+        assert np.all((classes >= 4) & (classes <= 6)), classes
 
 
 def test_dirichlet_sizes_skew_and_availability():
