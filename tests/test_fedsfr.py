@@ -106,6 +106,20 @@ def test_vq_model_sends_codewords_detects_them_and_passes_gradients():
     seeding.enter(0)
     y = model.channel(torch.view_as_complex(X.contiguous()), snr_tensor(60.0, 3, x.device))
     assert torch.equal(nearest_codeword(torch.view_as_real(y), model.codebook), nearest_codeword(X, model.codebook))
+    # the receiver detects: at 0 dB the symbols leave the codebook, and they decode as their nearest
+    # codewords do (reconstruct), and forward's decoder is handed codewords only
+    model.eval()
+    with torch.no_grad():
+        seeding.enter(1)
+        noisy = model.channel(model.transmit_symbols(x), snr_tensor(0.0, 3, x.device))
+        nearest = model.codewords_of(nearest_codeword(torch.view_as_real(noisy), model.codebook))
+        assert not torch.isclose(torch.view_as_real(noisy).unsqueeze(-2), model.codebook, atol=1e-3).all(-1).any(-1).all()
+        assert torch.equal(model.reconstruct(noisy), model.reconstruct(torch.view_as_complex(nearest.contiguous())))
+        handed, received = [], model._received
+        model._received = lambda c: (handed.append(c), received(c))[1]
+        model(x, snr_tensor(0.0, 3, x.device))
+        del model._received
+    assert torch.isclose(torch.view_as_real(handed[0]).unsqueeze(-2), model.codebook, atol=1e-6).all(-1).any(-1).all()
     model.train()
     out = model(x, snr_tensor(20.0, 3, x.device))
     assert out.aux is not None and out.recon.shape == x.shape
