@@ -50,10 +50,19 @@ def test_local_training_with_one_snr_per_sample_equals_one_snr_for_all_and_uses_
     for m in models[1:]:
         load_weights(m, weights_of(models[0]))
     per_sample = (torch.full((len(x),), 12.0), 12.0, torch.linspace(0.0, 25.0, len(x)))
+    flat = x.reshape(len(x), -1)
+    assert all(int((flat == row).all(1).sum()) == 1 for row in flat)  # an image names its sample
+    handed = []  # (images, SNRs) each batch of the third model is sent with
+    models[2].register_forward_pre_hook(lambda module, args: handed.append((args[0].detach(), args[1].detach())))
     losses = []
     for model, snr in zip(models, per_sample):
         seeding.enter(7)  # the same channel noise
         losses.append(local_train(model, x, y, cfg.train, snr, run.classifier, torch.Generator().manual_seed(3)))
+    # each sample goes through the channel at its own SNR
+    assert sum(len(images) for images, _ in handed) == len(x) * cfg.train.local_epochs
+    for images, snrs in handed:
+        owners = [int(torch.nonzero((flat == image.reshape(1, -1)).all(1))[0]) for image in images]
+        assert torch.equal(snrs, per_sample[2][owners])
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
         assert torch.allclose(p, q, atol=1e-6), name
