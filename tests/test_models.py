@@ -70,10 +70,21 @@ def test_gradients_reach_first_and_last_layer(arch, spec, channel):
 
 @pytest.mark.parametrize("arch", ["csc", "jscc"])
 def test_per_sample_snr(arch, channel):
+    from semfl.wireless.channel import seed_channels
+
     model = _model(arch, MNIST, channel).eval()
     images = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     out = model(images, torch.tensor([0.0, 5.0, 10.0, 25.0]))
     assert out.recon.shape == images.shape
+    # each image at its own SNR: two noise draws move the received features of the 0 dB images far
+    # more than those of the 60 dB ones
+    draws = []
+    for seed in (1, 2):
+        seed_channels(seed)
+        with torch.no_grad():
+            draws.append(model(images, torch.tensor([0.0, 60.0, 0.0, 60.0])).C)
+    spread = (draws[0] - draws[1]).flatten(1).pow(2).mean(1)
+    assert spread[[1, 3]].max() < 1e-4 * spread[[0, 2]].min()
     with pytest.raises(ValueError, match="snr_db"):
         model(images, torch.tensor([0.0, 5.0]))
 
