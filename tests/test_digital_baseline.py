@@ -217,11 +217,20 @@ def test_a_runs_snr_sweep_carries_the_baseline_at_the_models_ratio(tiny_override
     assert all(label in table for label in models)  # the report's sweep table has every curve
 
 
-def test_cli_names_a_bad_ratio(capsys):
+@pytest.mark.parametrize("args, named", [
+    (["digital", "--ratio", "0"], "--ratio: must be a finite number > 0"),
+    (["digital", "--ratio", "inf"], "--ratio: must be a finite number > 0"),
+    (["digital", "--ratio", "0.25", "--snr", "5", "inf"], "--snr inf: an SNR must be a finite"),
+    (["digital", "--ratio", "0.25", "--snr", "nan"], "--snr nan: an SNR must be a finite"),
+    (["digital", "--ratio", "0.25", "--design-snr", "nan"], "--design-snr nan: an SNR must be a finite"),
+    (["bench", "--repeats", "0"], "--repeats: must be at least 1")])
+def test_cli_names_a_bad_option_before_loading_anything(capsys, tmp_path, args, named):
     from semfl.cli import main
 
-    assert main(["baseline", "digital", "--ratio", "0"]) == 2
-    assert "--ratio: must be > 0" in capsys.readouterr().err
+    assert main(["baseline", *args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_fast_decoder_and_demapper_are_bitwise_sionnas():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,43 @@ def test_participation_samples_users(tiny_overrides, tmp_path):
             per_round.setdefault(r["round"], set()).add(r["user"])
     assert all(len(u) == 2 for u in per_round.values())
     assert len({frozenset(u) for u in per_round.values()}) > 1
+
+
+def test_a_damaged_run_is_refused_by_resume_and_report_and_left_as_it_was(finished_run, tmp_path, capsys):
+    """A metrics file damaged other than by a torn last line, a row without its round, an unreadable
+    checkpoint: --resume and `semfl report` stop with one line naming the file (exit 2) and leave the
+    run as it was; a last line torn by a crash while it was appended is what a resume expects."""
+    import shutil
+
+    source = finished_run("fedavg")
+    lines = (source / "metrics.jsonl").read_text().splitlines()
+    no_round = json.dumps({k: v for k, v in json.loads(lines[1]).items() if k != "round"})
+    damages = {  # name: (metrics lines, checkpoint bytes, the error)
+        "middle line cut": (lines[:2] + [lines[2][:15]] + lines[3:], None, "line 3 is not a JSON object"),
+        "an array": (lines[:1] + ["[1, 2]"] + lines[2:], None, "line 2 is not a JSON object"),
+        "no round": (lines[:1] + [no_round] + lines[2:], None, "row 2 has no integer 'round'"),
+        "checkpoint cut": (lines, b"PK\x03", "checkpoint .* is unreadable"),
+    }
+    for name, (damaged, checkpoint, error) in damages.items():
+        run_dir = tmp_path / name.replace(" ", "-")
+        shutil.copytree(source, run_dir)
+        (run_dir / "metrics.jsonl").write_text("\n".join(damaged) + "\n")
+        if checkpoint is not None:
+            (run_dir / "checkpoint" / "state.pt").write_bytes(checkpoint)
+        before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        commands = [["run", "--quiet", "--resume", "--out", str(run_dir), str(run_dir / "config.toml")]]
+        if name not in ("checkpoint cut", "no round"):  # the report reads no checkpoint, nor needs rounds
+            commands.append(["report", str(run_dir)])
+        for command in commands:
+            assert main(command) == 2, (name, command[0])
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and re.search(error, err), err
+            assert str(run_dir / ("checkpoint/state.pt" if checkpoint else "metrics.jsonl")) in err
+            assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before, (name, command[0])
+    torn = tmp_path / "torn"
+    shutil.copytree(source, torn)
+    (torn / "metrics.jsonl").write_text("\n".join(lines) + "\n" + lines[-1][:12])
+    assert read_jsonl(torn / "metrics.jsonl") == read_jsonl(source / "metrics.jsonl")
+    assert main(["run", "--quiet", "--resume", "--out", str(torn), str(torn / "config.toml")]) == 0
+    assert [(r["round"], r["scope"]) for r in read_jsonl(torn / "metrics.jsonl")] == \
+        [(r["round"], r["scope"]) for r in read_jsonl(source / "metrics.jsonl")]

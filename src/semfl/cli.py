@@ -380,10 +380,10 @@ def _version() -> str:
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix. Those of semfl's heavy modules count only when the module
     was imported (it cannot have raised otherwise), so this imports nothing."""
-    found: list[type[BaseException]] = [ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-                                        PermissionError]
+    found: list[type[BaseException]] = [ValueError, FileNotFoundError, FileExistsError, IsADirectoryError,
+                                        NotADirectoryError, PermissionError]
     for module, name in (("semfl.data.sources", "DataError"), ("semfl.runtimes.run", "RunError"),
-                         ("semfl.files", "FolderBusy")):
+                         ("semfl.files", "FolderBusy"), ("semfl.protocol.checkpoint", "CheckpointError")):
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None:
             found.append(cls)

@@ -88,16 +88,30 @@ def atomic_text(path: Path, text: str) -> None:
     atomic_write(path, lambda h: h.write(text), mode="w")
 
 
+class DamagedFile(ValueError):
+    """A JSON-lines file damaged other than by a crash during its last append: reading on would
+    lose or misread rows, so the caller stops and names the file and line."""
+
+
 def read_jsonl(path: Path) -> list[dict]:
+    """The rows (JSON objects, one per line) of ``path``; [] when there is no file. A last line
+    torn by a crash mid-append is left out; any other line that is not a JSON object raises
+    :class:`DamagedFile` naming it (rows after it would otherwise be silently dropped)."""
     if not Path(path).is_file():
         return []
+    lines = [(number, line) for number, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
     rows = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line torn by a crash ends the valid part
+    for index, (number, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+            if index == len(lines) - 1:
+                break  # a line torn by a crash while it was appended: the valid part ends here
+        if not isinstance(row, dict):
+            raise DamagedFile(f"{path}: line {number} is not a JSON object ({line[:40]!r}); the file is damaged: "
+                              "restore it from a copy, or rerun into a new folder")
+        rows.append(row)
     return rows
 
 

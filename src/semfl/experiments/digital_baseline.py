@@ -21,6 +21,22 @@ from pathlib import Path
 from semfl.config import ConfigError, load_config
 
 
+def _check(args) -> None:
+    """The options' values, before anything is loaded or written (one line naming the option)."""
+    import math
+
+    bad = [f"--snr {snr}" for snr in args.snr if not math.isfinite(snr)]
+    if args.design_snr is not None and not math.isfinite(args.design_snr):
+        bad.append(f"--design-snr {args.design_snr}")
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: an SNR must be a finite number of dB")
+    ratio = getattr(args, "ratio", 1.0)
+    if not (math.isfinite(ratio) and ratio > 0):
+        raise ConfigError(f"--ratio: must be a finite number > 0 (complex channel uses per source value), got {ratio}")
+    if getattr(args, "repeats", 1) < 1:
+        raise ConfigError(f"--repeats: must be at least 1, got {args.repeats}")
+
+
 def _context(args, extra: list[str]):
     from semfl.runtimes.run import build_context
 
@@ -41,8 +57,7 @@ def cmd_digital(args) -> int:
     from semfl.files import atomic_text
     from semfl.wireless import separation
 
-    if not args.ratio > 0:
-        raise ConfigError(f"--ratio: must be > 0 (complex channel uses per source value), got {args.ratio}")
+    _check(args)
     run = _context(args, [])
     start = time.perf_counter()
     curves = separation.sweep(run.test_x, run.test_y, run.classifier, args.ratio, args.snr, kind=args.channel,
@@ -74,6 +89,7 @@ def cmd_bench(args) -> int:
     from semfl.files import atomic_text
     from semfl.wireless import separation
 
+    _check(args)
     run = _context(args, [f"eval.snr_sweep={json.dumps(args.snr)}", f"model.arch={args.arch}"])
     torch.manual_seed(0)
     model = build_semantic_model(run, args.arch)

@@ -8,6 +8,10 @@ import torch
 from semfl.files import atomic_write
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read (truncated, empty, not a checkpoint): the user's to fix."""
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda h: torch.save(state, h))
 
@@ -18,4 +22,6 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:
-        raise RuntimeError(f"checkpoint {path} is unreadable ({exc})") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]  # torch's can run to many lines
+        raise CheckpointError(f"checkpoint {path} is unreadable ({reason}); restore it from a copy, or rerun into "
+                              "a new folder") from None

@@ -290,7 +290,12 @@ class Runner:
         state = load_checkpoint(ckpt_path)
         method.load_state_dict(state["method"])
         transport.load_state_dict(state["transport"])
-        rows = [r for r in read_jsonl(self.metrics_path) if r["round"] <= state["round"]]
+        rows = read_jsonl(self.metrics_path)
+        unnumbered = next((i for i, r in enumerate(rows, 1) if not isinstance(r.get("round"), int)), None)
+        if unnumbered is not None:
+            raise RunError(f"{self.metrics_path}: row {unnumbered} has no integer 'round'; the file is damaged: "
+                           "restore it from a copy, or rerun into a new folder")
+        rows = [r for r in rows if r["round"] <= state["round"]]
         write_jsonl(self.metrics_path, rows)
         self.log(f"resuming after round {state['round']}")
         if state.get("stopped_converged"):  # it stopped on convergence: nothing left but to finish
