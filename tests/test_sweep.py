@@ -245,6 +245,20 @@ seed = [0]
     assert (out / "good__s0" / "report.html").is_file() and (out / "report.html").is_file()
 
 
+def test_a_sweep_with_no_valid_point_is_one_error_before_anything_is_written(tmp_path, tiny_overrides, capsys):
+    path = write(tmp_path / "sweep.toml", """
+[sweep]
+name = "typo"
+method = ["fedavg"]
+"train.lrr" = [0.1, 0.2]
+""")
+    for dry in ([], ["--dry-run"]):
+        assert main(["sweep", str(path), "--quiet", "--out", str(tmp_path / "out"), *dry] + sets(tiny_overrides)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "no point of the sweep is valid" in err and "train.lrr: unknown key" in err
+        assert not (tmp_path / "out").exists()
+
+
 def test_parallel_jobs_match_sequential_and_record_failures(tmp_path, tiny_overrides):
     path = write(tmp_path / "sweep.toml", """
 [sweep]

@@ -458,6 +458,12 @@ def cmd_sweep(args) -> int:
         return 2
     sweep = load_sweep(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / "sweeps" / sweep.name
+    plan(sweep, out)  # reads only
+    if sweep.points and all(p.state == "invalid" for p in sweep.points):  # e.g. an axis key that does not exist
+        errors = sorted({p.error for p in sweep.points})
+        more = f" (and {len(errors) - 1} other errors)" if len(errors) > 1 else ""
+        raise ConfigError(f"{args.config}: no point of the sweep is valid; {sweep.points[0].label}: "
+                          f"{sweep.points[0].error}{more}")
     if args.dry_run:
         return dry_run(sweep, out)
     try:
