@@ -278,6 +278,14 @@ direction = "less"
     assert sweep.is_file() and doc["runs_wall_s"] > 0
 
 
+def test_an_override_no_run_can_take_is_one_error_and_no_verdicts(toy, capsys):
+    claims_file, runs = toy
+    assert main(["verify", str(claims_file), "--runs", str(runs), "--set", "train.lrr=0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no run the claims need is valid" in err and "train.lrr: unknown key" in err
+    assert not (runs / "verdicts.md").exists() and not (runs / "verdicts.json").exists()
+
+
 def test_compare_reports_claims(toy, tmp_path):
     claims_file, runs = toy
     out = tmp_path / "cmp"
