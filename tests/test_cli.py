@@ -265,3 +265,20 @@ def test_pretrain_writes_under_runs_and_its_file_is_a_mentor_checkpoint(tiny_ove
     saved = torch.load(out, weights_only=True)["model"]
     assert report["loaded"] and not report["mismatched"]
     assert all(torch.equal(mentor.state_dict()[k], saved[k]) for k in report["loaded"])
+
+
+def test_a_damaged_side_file_or_an_empty_key_is_one_line_naming_it(finished_run, tmp_path, capsys):
+    import shutil
+
+    source = finished_run("fedavg")
+    bad_config, bad_partition = tmp_path / "c", tmp_path / "p"
+    shutil.copytree(source, bad_config)
+    shutil.copytree(source, bad_partition)
+    (bad_config / "config.toml").write_text("x = = 1\n")
+    (bad_partition / "partition.json").write_text("garbage")
+    for command, named in ((["compare", str(bad_config), "--out", str(tmp_path / "cmp")], f"{bad_config}/config.toml: not valid TOML"),
+                           (["report", str(bad_partition)], f"{bad_partition}/partition.json: not a partition record"),
+                           (["config", "show", "--set", "=5"], "--set =5: expected key=value")):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and named in err, err

@@ -373,6 +373,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(f"--set {item}: expected key=value")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item}: expected key=value, with a key like train.lr")
         node = raw
         for part in parts[:-1]:
             node = node.setdefault(part, {})

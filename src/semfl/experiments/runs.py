@@ -91,7 +91,10 @@ def load_run(path: Path) -> RunData:
     path = Path(path)
     config = {}
     if (path / "config.toml").is_file():
-        config = tomllib.loads((path / "config.toml").read_text())
+        try:
+            config = tomllib.loads((path / "config.toml").read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path / 'config.toml'}: not valid TOML ({exc})") from None
     return RunData(path=path, config=config, rows=read_jsonl(path / "metrics.jsonl"))
 
 

@@ -62,7 +62,11 @@ def write_run_report(run_dir: Path, summary: dict | None = None) -> Path:
     ]
     part_path = run_dir / "partition.json"
     if part_path.is_file():
-        made.append(plots.partition(json.loads(part_path.read_text())["class_histogram"], figs / "partition.png"))
+        try:
+            histogram = json.loads(part_path.read_text())["class_histogram"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{part_path}: not a partition record ({type(exc).__name__}: {exc})") from None
+        made.append(plots.partition(histogram, figs / "partition.png"))
     extra = [figs / name for name in ("reconstructions.png", "snr_sweep.png", "features.png")]
     images = [p for p in made if p] + [p for p in extra if p.is_file()]
     globals_ = [r for r in rows if r.get("scope") == "global"]
