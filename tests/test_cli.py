@@ -282,3 +282,20 @@ def test_a_damaged_side_file_or_an_empty_key_is_one_line_naming_it(finished_run,
         assert main(command) == 2, command
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and named in err, err
+
+
+@pytest.mark.parametrize("command, named", [
+    (["pretrain", "--epochs", "0"], "--epochs: must be at least 1"),
+    (["pretrain", "--lr", "-1"], "--lr: must be a finite number > 0"),
+    (["bench", "--repeats", "0"], "--repeats: must be at least 1"),
+    (["bench", "--device", "tpu"], "--device: expected cpu or cuda"),
+    (["deploy", "local", "configs/smoke.toml", "--users", "2", "--timeout", "-5"], "--timeout: must be a finite"),
+    (["deploy", "local", "configs/smoke.toml", "--users", "2", "--resume"], "has no config.toml to resume")])
+def test_bad_options_are_refused_before_anything_starts(command, named, tmp_path, capsys):
+    out = tmp_path / "out"
+    if command[0] == "deploy":
+        out.mkdir()  # an empty folder: nothing to resume, and no Flower process may start
+    assert main([*command, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err, err
+    assert not out.exists() or not any(out.iterdir())

@@ -155,6 +155,12 @@ def cmd_report(args) -> int:
 
 def cmd_pretrain(args) -> int:
     """MAE-pretrain one user's mentor on that user's own data; save it in MAE's checkpoint layout."""
+    import math
+
+    if args.epochs < 1:
+        raise ConfigError(f"--epochs: must be at least 1 (the checkpoint is of a pretrained mentor), got {args.epochs}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ConfigError(f"--lr: must be a finite number > 0, got {args.lr}")
     cfg = load_config(args.config, args.set)
     if "psfl" not in cfg.methods:
         raise ConfigError(f"method: pretrain trains a PSFL mentor and needs a psfl config (e.g. configs/quickstart.toml, "

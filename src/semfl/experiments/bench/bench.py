@@ -473,6 +473,12 @@ def cmd_bench(args) -> int:
     if unknown:
         print(f"semfl: error: --only: unknown part {unknown[0]!r} (parts: {', '.join(PARTS)})", file=sys.stderr)
         return 2
+    if args.repeats < 1:
+        print(f"semfl: error: --repeats: must be at least 1, got {args.repeats}", file=sys.stderr)
+        return 2
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        print(f"semfl: error: --device: expected cpu or cuda[:N], got {args.device!r}", file=sys.stderr)
+        return 2
     result = bench(args.device, args.quick, Path(args.out), parts, args.repeats, sets=args.set, merge=bool(args.only))
     print(markdown(result))
     return 0 if not result["errors"] else 1

@@ -9,6 +9,7 @@ SuperLink). Logs, Flower's home, certificates and keys go under <out>/deploy/.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from semfl.config import Config, dump_config
+from semfl.config import Config, ConfigError, dump_config
 from semfl.runtimes.run import RunError
 
 
@@ -256,8 +257,12 @@ class LocalDeployment:
 def cmd_deploy_local(args) -> int:
     from semfl.config import load_config
 
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise ConfigError(f"--timeout: must be a finite number of seconds > 0, got {args.timeout}")
     cfg = load_config(args.config, list(args.set) + [f"users={args.users}"])
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{cfg.method}-s{cfg.seed}-flower"
+    if args.resume and not (out / "config.toml").is_file():  # checked before any Flower process starts
+        raise ConfigError(f"--resume: {out} has no config.toml to resume")
     run_dir = LocalDeployment(cfg, out, resume=args.resume, tls=args.tls, auth=args.auth,
                               timeout_s=args.timeout).execute()
     print(f"run directory: {run_dir}\nreport: {run_dir / 'report.html'}")
