@@ -171,6 +171,6 @@ def test_a_damaged_run_is_refused_by_resume_and_report_and_left_as_it_was(finish
     shutil.copytree(source, torn)
     (torn / "metrics.jsonl").write_text("\n".join(lines) + "\n" + lines[-1][:12])
     assert read_jsonl(torn / "metrics.jsonl") == read_jsonl(source / "metrics.jsonl")
-    assert main(["run", "--quiet", "--resume", "--out", str(torn), str(torn / "config.toml")]) == 0
+    assert main(["run", "--quiet", "--resume", "--out", str(torn)]) == 0  # no config given: the run's own
     assert [(r["round"], r["scope"]) for r in read_jsonl(torn / "metrics.jsonl")] == \
         [(r["round"], r["scope"]) for r in read_jsonl(source / "metrics.jsonl")]

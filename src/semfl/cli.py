@@ -68,6 +68,8 @@ def _default_out(config: str | None, cfg) -> Path:
 # ---------------------------------------------------------------- commands
 
 def cmd_run(args) -> int:
+    if args.resume and args.config is None and args.out and (Path(args.out) / "config.toml").is_file():
+        args.config = str(Path(args.out) / "config.toml")  # resuming: the run's own config, not the defaults
     cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else _default_out(args.config, cfg)
     if args.dry_run:
@@ -245,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=_HelpFormatter, **kw)
 
     run = command("run", "run one experiment from a TOML config into a run directory")
-    run.add_argument("config", nargs="?", help="TOML config, e.g. configs/smoke.toml (omit for all defaults)")
+    run.add_argument("config", nargs="?", help="TOML config, e.g. configs/smoke.toml (omit for all defaults; "
+                                                "with --resume, for the run's own config.toml)")
     _add_set(run)
     run.add_argument("--out", help="run directory (default: runs/<config>-<method>-s<seed>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
