@@ -271,6 +271,15 @@ def plan(sweep: Sweep, out: Path) -> None:
             point.state, point.error = "invalid", str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
 
 
+def require_a_valid_point(points: list[Point], what: str) -> None:
+    """After :func:`plan`: one error (naming the first point's) when no point of ``points`` can run,
+    e.g. an axis key or override that names no config field, before anything is written."""
+    if points and all(p.state == "invalid" for p in points):
+        errors = sorted({p.error for p in points})
+        more = f" (and {len(errors) - 1} other errors)" if len(errors) > 1 else ""
+        raise ConfigError(f"{what}; {points[0].label}: {points[0].error}{more}")
+
+
 # ------------------------------------------------------------------ running
 
 def write_sweep_json(sweep: Sweep, out: Path, cli_sets: list[str]) -> None:
@@ -459,11 +468,7 @@ def cmd_sweep(args) -> int:
     sweep = load_sweep(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / "sweeps" / sweep.name
     plan(sweep, out)  # reads only
-    if sweep.points and all(p.state == "invalid" for p in sweep.points):  # e.g. an axis key that does not exist
-        errors = sorted({p.error for p in sweep.points})
-        more = f" (and {len(errors) - 1} other errors)" if len(errors) > 1 else ""
-        raise ConfigError(f"{args.config}: no point of the sweep is valid; {sweep.points[0].label}: "
-                          f"{sweep.points[0].error}{more}")
+    require_a_valid_point(sweep.points, f"{args.config}: no point of the sweep is valid")
     if args.dry_run:
         return dry_run(sweep, out)
     try:

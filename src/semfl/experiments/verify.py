@@ -233,13 +233,11 @@ def cmd_verify(args) -> int:
     if args.seeds and len(set(args.seeds)) != len(args.seeds):
         raise ConfigError(f"--seeds: repeated seeds in {args.seeds}")
     studies = plan_studies(claim_file, runs_dir, args.seeds, args.set, args.claims)
-    from semfl.experiments.sweep import plan
+    from semfl.experiments.sweep import plan, require_a_valid_point
 
     for study in studies:
         plan(study.sweep, study.out)  # reads only
-    points = [p for study in studies for p in study.sweep.points]
-    if points and all(p.state == "invalid" for p in points):  # e.g. an override naming no config key
-        raise ConfigError(f"no run the claims need is valid; {points[0].label}: {points[0].error}")
+    require_a_valid_point([p for study in studies for p in study.sweep.points], "no run the claims need is valid")
     if args.run_missing:
         run_missing(studies, jobs=args.jobs)
     results, run_wall, finished = evaluate(studies)
