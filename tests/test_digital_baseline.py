@@ -239,6 +239,7 @@ def test_fast_decoder_and_demapper_are_bitwise_sionnas():
     from sionna.phy.fec.ldpc import LDPC5GDecoder, LDPC5GEncoder
     from sionna.phy.mapping import Demapper
 
+    from semfl.wireless import sionna_fast
     from semfl.wireless.sionna_fast import FastLDPC5GDecoder, demap_maxlog
 
     g = torch.Generator().manual_seed(0)
@@ -269,16 +270,28 @@ def test_fast_decoder_and_demapper_are_bitwise_sionnas():
         y = torch.complex(torch.randn(6, 50, generator=g), torch.randn(6, 50, generator=g))
         no = torch.rand(6, 50, generator=g) + 1e-3
         assert torch.equal(demap_maxlog(demapper, y, no), demapper(y, no))
+        with pytest.MonkeyPatch.context() as patch:  # in chunks of 7 symbols, across the rows
+            patch.setattr(sionna_fast, "DEMAP_SLOTS", 7 * 2 ** m)
+            assert torch.equal(demap_maxlog(demapper, y, no), demapper(y, no))
 
 
-def test_early_termination_stops_each_block_at_its_first_valid_codeword_with_sionnas_bits():
+@pytest.mark.parametrize("chunk_rows", [None, 7])
+def test_early_termination_stops_each_block_at_its_first_valid_codeword_with_sionnas_bits(monkeypatch, chunk_rows):
     """decode_until_valid == Sionna's own decoder run for t iterations, where t is the first
     iteration whose decision is a codeword (re-encoding its information bits gives its coded bits)
-    and passes the CRC; blocks that never stop get Sionna's decision at the last iteration."""
+    and passes the CRC; blocks that never stop get Sionna's decision at the last iteration. With
+    ``chunk_rows`` the blocks go through in chunks of 7, across the fast, slow and failing groups."""
     from sionna.phy.fec.crc import CRCDecoder, CRCEncoder
     from sionna.phy.fec.ldpc import LDPC5GDecoder, LDPC5GEncoder
 
+    from semfl.wireless import sionna_fast
     from semfl.wireless.sionna_fast import FastLDPC5GDecoder
+
+    chunks = []
+    if chunk_rows:
+        decode_chunk = FastLDPC5GDecoder._decode_chunk
+        monkeypatch.setattr(FastLDPC5GDecoder, "_decode_chunk",
+                            lambda self, llr, *a: chunks.append(len(llr)) or decode_chunk(self, llr, *a))
 
     g, last = torch.Generator().manual_seed(1), 10
     for k, n, m in ((60, 196, 2), (294, 392, 4)):
@@ -287,7 +300,12 @@ def test_early_termination_stops_each_block_at_its_first_valid_codeword_with_sio
         c = enc(crc_enc(torch.randint(0, 2, (90, k - 16), generator=g).float()))
         sigma = torch.tensor([0.6, 0.9, 1.3]).repeat_interleave(30).unsqueeze(1)  # fast, slow, failing
         llr = (2 * c - 1) * 2 / sigma ** 2 + torch.randn(c.shape, generator=g) * 2 / sigma
-        bits, ok = FastLDPC5GDecoder(enc, hard_out=True).decode_until_valid(llr, crc_dec, last)
+        dec = FastLDPC5GDecoder(enc, hard_out=True)
+        if chunk_rows:
+            monkeypatch.setattr(sionna_fast, "CHUNK_SLOTS", dec._vn_mask.numel() * chunk_rows)
+        bits, ok = dec.decode_until_valid(llr, crc_dec, last)
+        assert chunks == ([7] * 12 + [6] if chunk_rows else [])
+        chunks.clear()
         want_bits, want_ok = torch.zeros_like(bits), torch.zeros_like(ok)
         stopped = torch.zeros(len(llr), dtype=torch.bool)
         for t in range(1, last + 1):
