@@ -322,6 +322,14 @@ def test_bench_child_process():
     script = "import json, os; print('a log line'); print(json.dumps({'threads': os.environ['OMP_NUM_THREADS'], 'cwd': os.getcwd()}))"
     point = _child(["-c", script], 60, {"OMP_NUM_THREADS": "3"})
     assert point["threads"] == "3" and point["cwd"] == str(REPO) and point["process_s"] > 0
+    # the children's folder is the checkout, where the smoke config and the Flower script are
+    from semfl.experiments.bench_smoke import SMOKE_CONFIG
+    from semfl.files import checkout_root
+
+    assert (REPO / SMOKE_CONFIG).is_file() and (REPO / "benchmarks" / "flower_baseline.py").is_file()
+    assert checkout_root(SMOKE_CONFIG) == REPO
+    with pytest.raises(FileNotFoundError, match="nowhere.toml: not found beside this semfl.*needs a checkout"):
+        checkout_root("configs/nowhere.toml")
     with pytest.raises(RuntimeError, match="(?s)failed \\(2\\).*one of --scaling-point, --workers-point, --end-to-end"):
         _child(["-m", "semfl.experiments.bench.bench"], 60)
 

@@ -60,9 +60,11 @@ def test_real_loopback_deployment_matches_local_transport(psfl_overrides, tmp_pa
     assert not flower_processes(tmp_path / "deployed")
 
 
-def test_deployment_stops_everything_when_interrupted(psfl_overrides, tmp_path):
-    """Ctrl-C while waiting for the run, once the ServerApp runs: every SuperLink/SuperNode process,
-    and the ServerApp/ClientApp processes Flower started detached, are stopped."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_deployment_stops_everything_when_interrupted(psfl_overrides, tmp_path, stop):
+    """Ctrl-C (or a SIGTERM: `kill`, a job scheduler) while waiting for the run, once the ServerApp
+    runs: every SuperLink/SuperNode process, and the ServerApp/ClientApp processes Flower started
+    detached, are stopped, and SIGTERM's own handler is back afterwards."""
     # a shell's background job starts with SIGINT ignored; Ctrl-C in a terminal uses Python's handler
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     cfg = load_config(None, psfl_overrides + ["rounds=50"])
@@ -86,14 +88,16 @@ def test_deployment_stops_everything_when_interrupted(psfl_overrides, tmp_path):
         while not apps and time.monotonic() < deadline:  # until the SuperLink has started the ServerApp
             apps.extend(line for line in flower_processes(tmp_path / "run") if "flwr-serverapp" in line)
             time.sleep(0.2)
-        signal.pthread_kill(main_thread, signal.SIGINT)
+        signal.pthread_kill(main_thread, stop)
 
     threading.Thread(target=interrupt, daemon=True).start()
+    term_handler = signal.getsignal(signal.SIGTERM)
     try:
         with pytest.raises(KeyboardInterrupt):
             deployment.execute()
     finally:
         signal.signal(signal.SIGINT, previous)
+    assert signal.getsignal(signal.SIGTERM) is term_handler
     logs = tmp_path / "run" / "deploy" / "logs"
     assert started.is_set() and apps, "no ServerApp process seen; the SuperLink's log ends:\n" + (
         (logs / "superlink.log").read_text()[-3000:] if (logs / "superlink.log").is_file() else "(none)")

@@ -256,7 +256,29 @@ method = ["fedavg"]
         assert main(["sweep", str(path), "--quiet", "--out", str(tmp_path / "out"), *dry] + sets(tiny_overrides)) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "no point of the sweep is valid" in err and "train.lrr: unknown key" in err
+        assert "from the sweep's axis sweep.train.lrr" in err
         assert not (tmp_path / "out").exists()
+
+
+def test_a_set_of_an_axis_key_is_refused_and_points_to_the_axis(tmp_path, tiny_overrides, capsys):
+    """`--set seed=3` on a sweep over seeds would run seed 3 in every point under the labels s0, s1
+    (and `--set method=...` every method's point as one method): refused, naming the axis override."""
+    path = write(tmp_path / "sweep.toml", """
+[sweep]
+name = "axes"
+method = ["fedavg", "local"]
+seed = [0, 1]
+""")
+    base = ["sweep", str(path), "--dry-run", "--out", str(tmp_path / "out")] + sets(tiny_overrides)
+    for bad, axis in ((["--set", "seed=3"], "seed"), (["--set", "method=psfl"], "method")):
+        assert main(base + bad) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{axis} is an axis of this sweep" in err and f"--set sweep.{axis}=[...]" in err
+    assert main(base + ["--set", "sweep.seed=3"]) == 2
+    assert "expected a non-empty list of values, got 3 (on the command line: --set sweep.seed=[3])" in capsys.readouterr().err
+    assert main(base + ["--set", "sweep.seed=[3]"]) == 0
+    assert "fedavg__s3" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
 
 
 def test_parallel_jobs_match_sequential_and_record_failures(tmp_path, tiny_overrides):

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from semfl.config import ConfigError
+from semfl.files import CHECKOUT
 
 SCOPES = ("global", "user_mean", "link_total")
 AT_WORDS = ("final", "best", "mean")
@@ -224,7 +225,7 @@ def claims_file(paper: str, root: Path | None = None) -> Path:
     if given.suffix == ".toml" or given.is_file():
         return given
     candidates = [Path("configs") / "claims" / f"{paper}.toml"]
-    candidates.append(Path(root or Path(__file__).resolve().parents[3]) / "configs" / "claims" / f"{paper}.toml")
+    candidates.append(Path(root or CHECKOUT) / "configs" / "claims" / f"{paper}.toml")
     for path in candidates:
         if path.is_file():
             return path

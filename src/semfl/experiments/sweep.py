@@ -171,9 +171,17 @@ def load_sweep(path: str | Path, cli_sets: list[str] | None = None) -> Sweep:
         axes[key] = values
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
-            raise ConfigError(f"sweep.{key}: expected a non-empty list of values, got {values!r}")
+            raise ConfigError(f"sweep.{key}: expected a non-empty list of values, got {values!r}"
+                              + (f" (on the command line: --set sweep.{key}=[{literal(values)}])"
+                                 if not isinstance(values, (list, dict)) else ""))
         if len(set(map(literal, values))) != len(values):
             raise ConfigError(f"sweep.{key}: repeated values {values!r}")
+
+    for key in dict.fromkeys(s.split("=", 1)[0].strip() for s in point_sets):
+        if key in axes:  # the --set would win over the axis: every point the same, labelled as if not
+            raise ConfigError(f"--set {key}=...: {key} is an axis of this sweep ({literal(axes[key])}), so every point "
+                              f"would take the same value under its own label; change the axis instead: "
+                              f"--set sweep.{key}=[...]")
 
     # the variant dimension: method axis values, then variants (merged by name)
     dim: dict[str, list[str]] = {}
@@ -277,7 +285,10 @@ def require_a_valid_point(points: list[Point], what: str) -> None:
     if points and all(p.state == "invalid" for p in points):
         errors = sorted({p.error for p in points})
         more = f" (and {len(errors) - 1} other errors)" if len(errors) > 1 else ""
-        raise ConfigError(f"{what}; {points[0].label}: {points[0].error}{more}")
+        first = points[0]
+        axis = next((k for k in first.values if first.error.startswith(f"{k}:")), None)
+        source = f", from the sweep's axis sweep.{axis}" if axis else ""
+        raise ConfigError(f"{what}; {first.label}: {first.error}{source}{more}")
 
 
 # ------------------------------------------------------------------ running

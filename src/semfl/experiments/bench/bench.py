@@ -43,9 +43,10 @@ from pathlib import Path
 
 from semfl.experiments.bench.report import markdown  # the result file's Markdown (also `semfl.bench.markdown`)
 from semfl.experiments.bench.timing import sync
-from semfl.experiments.bench_smoke import smoke_runs
+from semfl.experiments.bench_smoke import SMOKE_CONFIG, smoke_runs
+from semfl.files import CHECKOUT, checkout_root
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = CHECKOUT  # children run in the checkout (configs/, benchmarks/), where relative paths resolve as in the docs
 PARTS = ("smoke", "overhead", "flower", "scaling", "scaling-psfl", "vmap", "precision", "workers", "psfl", "compute")
 
 
@@ -294,7 +295,8 @@ def _child(argv: list[str], timeout: float, env_extra: dict[str, str] | None = N
     """Run a Python child; its last stdout line is JSON. Adds process_s: the child's wall time."""
     env = {**os.environ, **(env_extra or {})}
     tic = time.perf_counter()
-    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=REPO if REPO.is_dir() else None)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:3])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -354,7 +356,8 @@ def flower_compare(quick: bool, device: str, semfl_repeats: int, timeout: float)
         sets = workload(quick, device, "fedavg", per_user=per_user)
         flat = sum((["--set", s] for s in sets), [])
         env = {"OMP_NUM_THREADS": str(cores), "SEMFL_BENCH_RAY_CPUS": str(cores)}
-        flower = _child([str(REPO / "benchmarks" / "flower_baseline.py"), "--json", *flat], timeout, env)
+        flower = _child([str(checkout_root("benchmarks/flower_baseline.py") / "benchmarks" / "flower_baseline.py"), "--json",
+                         *flat], timeout, env)
         # semfl end to end in a fresh process too (import, data, classifier from cache, model, R rounds)
         semfl = _child(["-m", "semfl.experiments.bench.bench", "--end-to-end", *flat], timeout, env)
         # with several cores semfl runs both ways: intra-op threads, and one worker process per core
@@ -426,7 +429,7 @@ def bench(device: str = "cpu", quick: bool = False, out: Path = Path("benchmarks
                 method = "fedavg" if name == "overhead" else "psfl"
                 result["overhead"] = [o for o in result.get("overhead", []) if o["method"] != method]
     steps = {
-        "smoke": lambda: result.__setitem__("smoke", smoke_runs(REPO)),
+        "smoke": lambda: result.__setitem__("smoke", smoke_runs(checkout_root(SMOKE_CONFIG))),
         "overhead": lambda: result["overhead"].append(overhead(quick, device, "fedavg", repeats)),
         "psfl": lambda: result["overhead"].append(overhead(quick, device, "psfl", max(1, repeats - 1))),
         "vmap": lambda: result.__setitem__("vmap", vmap_compare(quick, device, max(1, repeats - 1))),

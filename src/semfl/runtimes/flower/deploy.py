@@ -2,7 +2,7 @@
 
 Starts a SuperLink and one SuperNode per user as separate processes on 127.0.0.1, submits the
 config as a Flower run (`flwr run` against that SuperLink), waits for it, and stops every process
-it started, also on Ctrl-C or failure. Optional TLS (certificates from scripts/flower-certs.sh or
+it started, also on Ctrl-C, SIGTERM, SIGHUP or failure. Optional TLS (certificates from scripts/flower-certs.sh or
 generated here) and SuperNode authentication (one EC key pair per node, registered with the
 SuperLink). Logs, Flower's home, certificates and keys go under <out>/deploy/.
 """
@@ -15,11 +15,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from semfl.config import Config, ConfigError, dump_config
+from semfl.files import CHECKOUT
 from semfl.runtimes.run import RunError
 
 
@@ -29,7 +32,7 @@ class DeployError(RunError):
 
 def app_dir() -> Path:
     """The repository holding pyproject.toml with [tool.flwr.app] (semfl installed editable)."""
-    root = Path(__file__).resolve().parents[4]  # src/semfl/runtimes/flower/deploy.py -> the repository
+    root = CHECKOUT
     if not (root / "pyproject.toml").is_file() or "[tool.flwr.app]" not in (root / "pyproject.toml").read_text():
         raise DeployError(f"semfl deploy needs the semfl repository as the Flower App (no pyproject.toml with "
                           f"[tool.flwr.app] at {root}); install semfl from a clone with `pip install -e .`")
@@ -234,24 +237,49 @@ class LocalDeployment:
             (self.work / "superlink.db").unlink()  # a fresh SuperLink; the run itself resumes from its checkpoint
         if self.tls:
             make_certificates(self.work / "certs")
-        try:
-            port = self.start_superlink()
-            self.start_supernodes(port)
-            self.log(f"SuperLink on 127.0.0.1:{port}{' (TLS)' if self.tls else ''}, {self.cfg.users} SuperNodes"
-                     f"{' (authenticated)' if self.auth else ''}; logs in {self.work / 'logs'}")
-            run_id = self.submit()
-            self.log(f"flower run {run_id} submitted; waiting for it to finish")
-            status = self.wait(run_id)
-            self.save_run_log(run_id)
-            if status != "finished:completed":
-                raise DeployError(f"run {run_id} ended as {status}; see the ServerApp's log "
-                                  f"{self.work / 'logs' / 'serverapp.log'} and the others beside it")
-        finally:
-            self.stop_all()
+        with _terminate_as_interrupt():
+            try:
+                port = self.start_superlink()
+                self.start_supernodes(port)
+                self.log(f"SuperLink on 127.0.0.1:{port}{' (TLS)' if self.tls else ''}, {self.cfg.users} SuperNodes"
+                         f"{' (authenticated)' if self.auth else ''}; logs in {self.work / 'logs'}")
+                run_id = self.submit()
+                self.log(f"flower run {run_id} submitted; waiting for it to finish")
+                status = self.wait(run_id)
+                self.save_run_log(run_id)
+                if status != "finished:completed":
+                    raise DeployError(f"run {run_id} ended as {status}; see the ServerApp's log "
+                                      f"{self.work / 'logs' / 'serverapp.log'} and the others beside it")
+            finally:
+                self.stop_all()
         if not (self.out / "report.html").exists():
             raise DeployError(f"the run finished but wrote no report in {self.out}")
         return self.out
 
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM and SIGHUP (``kill``, a closed terminal, a job scheduler stopping the job) end the
+    deployment as Ctrl-C does, through the code that stops every Flower process it started; by
+    default they would end Python at once and leave those processes running. A second signal while
+    the processes are being stopped is ignored, so it cannot cut the stopping short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def interrupt(signum, frame):
+        if not received:
+            received.append(signum)
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def cmd_deploy_local(args) -> int:
