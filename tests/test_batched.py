@@ -270,6 +270,21 @@ def test_bench_quick_smoke(fmnist_root, tmp_path):
     _check_quick_bench(out)
 
 
+@pytest.mark.slow
+def test_bench_smoke_part_runs_the_smoke_config_from_any_folder(tmp_path, monkeypatch):
+    """``semfl bench --only smoke``'s runs, started outside the checkout (~30 s): the smoke config is
+    found in the checkout, and the warm run takes less CPU than the cold one, which trains the
+    classifier. In the default suite: test_bench_child_process (the children's folder and paths)."""
+    from semfl.experiments.bench_smoke import SMOKE_CONFIG, smoke_runs
+    from semfl.files import checkout_root
+
+    monkeypatch.chdir(tmp_path)
+    rows = smoke_runs(checkout_root(SMOKE_CONFIG), threads=(1,))
+    assert [(r["threads"], r["classifier"]) for r in rows] == [(1, "cold"), (1, "warm")]
+    assert all(r["wall_s"] > 0 and r["cpu_s"] > 0 for r in rows)
+    assert rows[1]["cpu_s"] < rows[0]["cpu_s"]
+
+
 def test_bench_quick_in_process(fmnist_root, shared_cache, tmp_path, monkeypatch):
     """``semfl bench --quick`` of the same parts with the same checks as test_bench_quick_smoke, cheaper:
     one round of 32 samples per user and 20 test images (PSFL's users evaluate their mentor and student

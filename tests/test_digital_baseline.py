@@ -195,6 +195,37 @@ def test_bench_times_the_three_curves_and_each_alone_against_the_learned_sweep(f
     assert result["curve_alone_over_learned"]["designed"] == pytest.approx(row["designed_alone_s"] / row["learned_s"])
 
 
+@pytest.mark.parametrize("channel", ["awgn", "rayleigh"])
+def test_baseline_digital_command_writes_the_three_curves_and_their_figure(fmnist_root, shared_cache, tmp_path,
+                                                                           capsys, channel):
+    """`semfl baseline digital` alone: the three curves at the given k/n and SNRs, the fixed design
+    at the middle of the link's SNR range (12.5 dB) with one MCS throughout and a cliff below it,
+    the adapted MCS rising with the SNR, the JSON and the figure written, a table printed."""
+    import json
+
+    from semfl.cli import main
+
+    sets = [f"data.root={fmnist_root}", f"classifier.cache_dir={shared_cache}", "data.download=false",
+            "classifier.epochs=3"]
+    out = tmp_path / channel
+    args = ["baseline", "digital", "--scale", "tiny", "--samples", "24", "--ratio", "0.25", "--snr", "0", "10", "25",
+            "--channel", channel, "--out", str(out)] + [a for s in sets for a in ("--set", s)]
+    assert main(args) == 0
+    doc = json.loads((out / "digital_baseline.json").read_text())
+    assert (out / "snr_sweep.png").stat().st_size > 0
+    assert (doc["ratio"], doc["channel"], doc["snr_db"], doc["test_samples"]) == (0.25, channel, [0, 10, 25], 24)
+    adapted, designed, capacity = (doc["curves"][label] for label in separation.curve_labels("jpeg", 12.5).values())
+    assert all(len(values) == 3 for curve in (adapted, designed, capacity) for values in curve.values())
+    assert designed["mcs"] == [choose_mcs(12.5).name] * 3 and designed["lost"][0] == 1.0
+    assert designed["psnr_db"][2] > designed["psnr_db"][0] and designed["lost"][2] < 1.0  # the cliff
+    assert adapted["mcs"][1:] == [choose_mcs(10).name, choose_mcs(25).name]  # the adapted MCS per SNR
+    assert choose_mcs(25).efficiency > choose_mcs(10).efficiency
+    assert capacity["payload_bits"][0] < capacity["payload_bits"][2]
+    printed = capsys.readouterr().out
+    assert f"24 fashion-mnist test images, k/n = 0.25 (196 channel uses), {channel}" in printed
+    assert "JPEG + LDPC + QAM, designed for 12.5 dB" in printed and f"written: {out / 'digital_baseline.json'}" in printed
+
+
 def test_a_runs_snr_sweep_carries_the_baseline_at_the_models_ratio(tiny_overrides, tmp_path):
     import json
 
