@@ -178,13 +178,19 @@ def test_bench_times_the_three_curves_and_each_alone_against_the_learned_sweep(f
     sets = [f"data.root={fmnist_root}", f"classifier.cache_dir={shared_cache}", "data.download=false",
             "classifier.epochs=3"]
     args = ["baseline", "bench", "--scale", "tiny", "--samples", "24", "--snr", "0", "20", "--repeats", "1",
-            "--out", str(tmp_path)] + [a for s in sets for a in ("--set", s)]
+            "--also", "gsc-m", "--out", str(tmp_path)] + [a for s in sets for a in ("--set", s)]
     assert main(args) == 0
     result = json.loads((tmp_path / "digital-bench-cpu.json").read_text())
     row = result["repeats"][0]
     stages = {"digital_link_s", "digital_codec_s", "digital_scoring_s"}
     floor = {"undecodable_snr_db", "undecodable_link_s", "floor_s"}
-    assert set(row) == {"learned_s", "digital_s", "adapted_alone_s", "designed_alone_s", "capacity_alone_s"} | stages | floor
+    assert set(row) == {"learned_s", "learned_gsc-m_s", "digital_s", "adapted_alone_s", "designed_alone_s",
+                        "capacity_alone_s"} | stages | floor
+    also = result["also"]["gsc-m"]  # a second learned model timed beside it, and both together
+    assert also["learned_sweep_s"] == row["learned_gsc-m_s"] and also["ratio"] == result["ratio"]
+    assert also["digital_over_learned"] == pytest.approx(row["digital_s"] / row["learned_gsc-m_s"])
+    assert result["all_learned_sweep_s"] == pytest.approx(row["learned_s"] + row["learned_gsc-m_s"])
+    assert result["digital_over_all_learned"] == pytest.approx(row["digital_s"] / result["all_learned_sweep_s"])
     undecodable = row.pop("undecodable_snr_db")
     assert undecodable == [0.0]  # the fixed design (12.5 dB) loses every image at 0 dB, none at 20 dB
     assert row["floor_s"] == pytest.approx(row["digital_scoring_s"] + row["undecodable_link_s"])
@@ -254,6 +260,8 @@ def test_a_runs_snr_sweep_carries_the_baseline_at_the_models_ratio(tiny_override
     (["digital", "--ratio", "0.25", "--snr", "5", "inf"], "--snr inf: an SNR must be a finite"),
     (["digital", "--ratio", "0.25", "--snr", "nan"], "--snr nan: an SNR must be a finite"),
     (["digital", "--ratio", "0.25", "--design-snr", "nan"], "--design-snr nan: an SNR must be a finite"),
+    (["bench", "--arch", "resnet"], "--arch resnet: not a semantic model; known: csc"),
+    (["bench", "--also", "gsc-m", "gsc-xl"], "--also gsc-xl: not a semantic model"),
     (["bench", "--repeats", "0"], "--repeats: must be at least 1")])
 def test_cli_names_a_bad_option_before_loading_anything(capsys, tmp_path, args, named):
     from semfl.cli import main

@@ -35,6 +35,15 @@ def _check(args) -> None:
         raise ConfigError(f"--ratio: must be a finite number > 0 (complex channel uses per source value), got {ratio}")
     if getattr(args, "repeats", 1) < 1:
         raise ConfigError(f"--repeats: must be at least 1, got {args.repeats}")
+    archs = [("--arch", args.arch)] if hasattr(args, "arch") else []
+    archs += [("--also", arch) for arch in getattr(args, "also", [])]
+    if archs:
+        from semfl.models.registry import available_archs
+
+        known = available_archs()
+        for option, arch in archs:
+            if arch not in known:
+                raise ConfigError(f"{option} {arch}: not a semantic model; known: {', '.join(known)}")
 
 
 def _context(args, extra: list[str]):
@@ -94,6 +103,7 @@ def cmd_bench(args) -> int:
     torch.manual_seed(0)
     model = build_semantic_model(run, args.arch)
     ratio = channel_uses_ratio(model, run.test_x)
+    others = {arch: build_semantic_model(run, arch) for arch in args.also}  # timed beside it, e.g. PSFL's mentors
     rows = []
     design, codec = _design(args, run), run.cfg.eval.digital_codec
     sweep = functools.partial(separation.sweep, run.test_x, run.test_y, run.classifier, ratio, design_snr=design,
@@ -106,6 +116,10 @@ def cmd_bench(args) -> int:
         curves = sweep(args.snr, timings=stages)
         row = {"learned_s": t1 - t0, "digital_s": time.perf_counter() - t1,
                **{f"digital_{stage}_s": stages[stage] for stage in separation.STAGES}}
+        for arch, other in others.items():
+            t = time.perf_counter()
+            snr_sweep(run, {arch: other})
+            row[f"learned_{arch}_s"] = time.perf_counter() - t
         for mode in separation.MODES:  # each curve alone, from scratch (no codec cache shared)
             t = time.perf_counter()
             sweep(args.snr, modes=(mode,))
@@ -127,11 +141,23 @@ def cmd_bench(args) -> int:
               "curve_alone_over_learned": {mode: t / learned for mode, t in alone.items()},
               "digital_stage_s": stages, "digital_stage_over_learned": {k: t / learned for k, t in stages.items()},
               "undecodable_snr_db": rows[-1]["undecodable_snr_db"], "floor_s": floor, "floor_over_learned": floor / learned,
+              "also": {arch: {"ratio": channel_uses_ratio(other, run.test_x), "learned_sweep_s": median(f"learned_{arch}_s"),
+                              "digital_over_learned": digital / median(f"learned_{arch}_s")} for arch, other in others.items()},
               "torch_threads": torch.get_num_threads(), "load_avg_1min_at_end": os.getloadavg()[0],
               "cpu_count": os.cpu_count()}
+    if others:  # a run's report sweeps all its models (PSFL: the student and its mentors) and the baseline once
+        together = learned + sum(entry["learned_sweep_s"] for entry in result["also"].values())
+        result.update(all_learned_sweep_s=together, digital_over_all_learned=digital / together)
     atomic_text(Path(args.out) / f"digital-bench-{args.device}.json", json.dumps(result, indent=1))
     print(f"{len(run.test_x)} images x {len(args.snr)} SNRs, {args.arch} ({args.scale}, k/n={ratio:.3g}) on {args.device}: "
           f"learned sweep {learned:.1f} s, digital baseline (3 curves) {digital:.1f} s, ratio {digital / learned:.1f}x")
+    for arch, entry in result["also"].items():
+        print(f"beside {arch} (k/n={entry['ratio']:.3g}): its learned sweep {entry['learned_sweep_s']:.1f} s, "
+              f"ratio {entry['digital_over_learned']:.1f}x")
+    if others:
+        together = result["all_learned_sweep_s"]
+        print(f"beside all {1 + len(others)} learned sweeps together ({together:.1f} s, as in a report that sweeps "
+              f"them all): ratio {digital / together:.2f}x")
     print("each curve alone: " + ", ".join(f"{mode} {t:.1f} s ({t / learned:.1f}x)" for mode, t in alone.items()))
     print("the digital sweep's stages: " + ", ".join(f"{stage} {t:.1f} s ({t / learned:.2f}x)" for stage, t in stages.items())
           + " (link: CRC, LDPC, QAM, channel, demapping, decoding; codec: JPEG choice, coding, bitstream;"
@@ -177,5 +203,7 @@ def register(sub) -> None:
             q.add_argument("--channel", choices=["awgn", "rayleigh"], default="awgn", help="channel kind")
             q.add_argument("--codec", choices=["jpeg", "webp"], default="jpeg", help="source codec")
         else:
-            q.add_argument("--arch", default="csc", help="the learned model timed beside it")
+            q.add_argument("--arch", default="csc", help="the learned model timed beside it (its k/n is the baseline's)")
+            q.add_argument("--also", nargs="+", default=[], metavar="ARCH",
+                           help="more learned models whose sweeps are timed beside it, e.g. PSFL's mentors: gsc-m gsc-l gsc-h")
             q.add_argument("--repeats", type=int, default=3, help="repeats of each timed sweep (median reported)")
