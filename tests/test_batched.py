@@ -341,7 +341,9 @@ def test_bench_child_process():
     from semfl.experiments.bench_smoke import SMOKE_CONFIG
     from semfl.files import checkout_root
 
-    assert (REPO / SMOKE_CONFIG).is_file() and (REPO / "benchmarks" / "flower_baseline.py").is_file()
+    from semfl.experiments.bench.bench import FLOWER_SCRIPT
+
+    assert (REPO / SMOKE_CONFIG).is_file() and (REPO / FLOWER_SCRIPT).is_file()
     assert checkout_root(SMOKE_CONFIG) == REPO
     with pytest.raises(FileNotFoundError, match="nowhere.toml: not found beside this semfl.*needs a checkout"):
         checkout_root("configs/nowhere.toml")

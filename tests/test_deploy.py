@@ -108,6 +108,36 @@ def test_deployment_stops_everything_when_interrupted(psfl_overrides, tmp_path, 
     assert not flower_processes(tmp_path / "run")
 
 
+def test_terminate_and_hangup_stop_the_deployment_unless_ignored_or_already_stopping():
+    """The signal handling of `semfl deploy local` on its own: SIGTERM (and SIGHUP) become the
+    KeyboardInterrupt that stops every process; a SIGHUP ignored by `nohup` stays ignored; once the
+    processes are being stopped, a signal is ignored so it cannot cut that short; the handlers are
+    put back afterwards."""
+    from semfl.runtimes.flower.deploy import _terminate_as_interrupt
+
+    saved = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            with pytest.raises(KeyboardInterrupt, match=sig.name):
+                with _terminate_as_interrupt():
+                    os.kill(os.getpid(), sig)
+                    time.sleep(5)
+            assert signal.getsignal(sig) is signal.SIG_DFL
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+        with _terminate_as_interrupt():
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.2)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        with _terminate_as_interrupt() as stopping:
+            stopping()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def test_deployment_checks_how_the_run_ended(psfl_overrides, tmp_path, monkeypatch):
     """execute once the Flower run has ended, with the processes and the `flwr` CLI stood in for (the
     real deployment: test_real_loopback_deployment_matches_local_transport, slow): a completed run that

@@ -170,10 +170,16 @@ def test_sweep_is_repeatable_and_has_the_three_curves():
         separation.sweep(images, labels, None, 0.25, [5.0], modes=("ideal",))
 
 
-def test_bench_times_the_three_curves_and_each_alone_against_the_learned_sweep(fmnist_root, shared_cache, tmp_path):
+def test_bench_times_the_three_curves_and_each_alone_against_the_learned_sweep(fmnist_root, shared_cache, tmp_path,
+                                                                               monkeypatch):
     import json
 
     from semfl.cli import main
+    from semfl.methods import common
+
+    swept, snr_sweep = [], common.snr_sweep  # which model each timed learned sweep ran
+    monkeypatch.setattr(common, "snr_sweep", lambda run, models: swept.append(
+        {label: type(m).__name__ for label, m in models.items()}) or snr_sweep(run, models))
 
     sets = [f"data.root={fmnist_root}", f"classifier.cache_dir={shared_cache}", "data.download=false",
             "classifier.epochs=3"]
@@ -186,6 +192,7 @@ def test_bench_times_the_three_curves_and_each_alone_against_the_learned_sweep(f
     floor = {"undecodable_snr_db", "undecodable_link_s", "floor_s"}
     assert set(row) == {"learned_s", "learned_gsc-m_s", "digital_s", "adapted_alone_s", "designed_alone_s",
                         "capacity_alone_s"} | stages | floor
+    assert [list(s.items()) for s in swept] == [[("csc", "CSC")], [("gsc-m", "GSC")]]
     also = result["also"]["gsc-m"]  # a second learned model timed beside it, and both together
     assert also["learned_sweep_s"] == row["learned_gsc-m_s"] and also["ratio"] == result["ratio"]
     assert also["digital_over_learned"] == pytest.approx(row["digital_s"] / row["learned_gsc-m_s"])
@@ -311,7 +318,10 @@ def test_fast_decoder_and_demapper_are_bitwise_sionnas():
         assert torch.equal(demap_maxlog(demapper, y, no), demapper(y, no))
         with pytest.MonkeyPatch.context() as patch:  # in chunks of 7 symbols, across the rows
             patch.setattr(sionna_fast, "DEMAP_SLOTS", 7 * 2 ** m)
+            chunks, demap_flat = [], sionna_fast._demap_flat
+            patch.setattr(sionna_fast, "_demap_flat", lambda *a: chunks.append(len(a[-2])) or demap_flat(*a))
             assert torch.equal(demap_maxlog(demapper, y, no), demapper(y, no))
+            assert chunks == [7] * 42 + [6]  # 300 symbols
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 7])

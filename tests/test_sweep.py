@@ -268,16 +268,23 @@ def test_a_set_of_an_axis_key_is_refused_and_points_to_the_axis(tmp_path, tiny_o
 name = "axes"
 method = ["fedavg", "local"]
 seed = [0, 1]
+"train.momentum" = [0.0, 0.5]
+[sweep.variants]
+"fedavg-small" = ["method=fedavg", "train.batch_size=8"]
 """)
     base = ["sweep", str(path), "--dry-run", "--out", str(tmp_path / "out")] + sets(tiny_overrides)
-    for bad, axis in ((["--set", "seed=3"], "seed"), (["--set", "method=psfl"], "method")):
+    for bad, axis in ((["--set", "seed=3"], "seed"), (["--set", "method=psfl"], "method"),
+                      (["--set", "train.momentum=0.9"], "train.momentum"),
+                      (["--set", "train={momentum=0.9}"], "train.momentum")):
         assert main(base + bad) == 2
         err = capsys.readouterr().err.strip()
         assert f"{axis} is an axis of this sweep" in err and f"--set sweep.{axis}=[...]" in err
+    assert main(base + ["--set", "train.batch_size=4"]) == 2  # what a variant sets, under the variant's name
+    assert "the sweep's variant 'fedavg-small' sets train.batch_size itself" in capsys.readouterr().err
     assert main(base + ["--set", "sweep.seed=3"]) == 2
-    assert "expected a non-empty list of values, got 3 (on the command line: --set sweep.seed=[3])" in capsys.readouterr().err
+    assert "got 3 (a list: seed = [3] in the file, --set sweep.seed=[3] on the command line)" in capsys.readouterr().err
     assert main(base + ["--set", "sweep.seed=[3]"]) == 0
-    assert "fedavg__s3" in capsys.readouterr().out
+    assert "fedavg__momentum0.5__s3: seed=3" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
 
 

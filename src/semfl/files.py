@@ -84,6 +84,9 @@ def folder_lock(folder: Path, what: str = "folder"):
         handle.close()
 
 
+CHECKOUT = Path(__file__).resolve().parents[2]  # src/semfl/files.py -> the checkout (when semfl runs from one)
+
+
 def checkout_root(needs: str = "configs") -> Path:
     """The repository checkout semfl was imported from (the folder holding ``configs/`` and
     ``benchmarks/``), for commands that read its files wherever they are started; FileNotFoundError
@@ -92,9 +95,6 @@ def checkout_root(needs: str = "configs") -> Path:
         raise FileNotFoundError(f"{needs}: not found beside this semfl ({CHECKOUT}); this command needs a checkout of "
                                 "the repository (git clone, then pip install -e .)")
     return CHECKOUT
-
-
-CHECKOUT = Path(__file__).resolve().parents[2]  # src/semfl/files.py -> the checkout (when semfl runs from one)
 
 
 def atomic_text(path: Path, text: str) -> None:

@@ -155,9 +155,8 @@ def cmd_bench(args) -> int:
         print(f"beside {arch} (k/n={entry['ratio']:.3g}): its learned sweep {entry['learned_sweep_s']:.1f} s, "
               f"ratio {entry['digital_over_learned']:.1f}x")
     if others:
-        together = result["all_learned_sweep_s"]
-        print(f"beside all {1 + len(others)} learned sweeps together ({together:.1f} s, as in a report that sweeps "
-              f"them all): ratio {digital / together:.2f}x")
+        print(f"beside all {1 + len(others)} learned sweeps together ({result['all_learned_sweep_s']:.1f} s, as in a "
+              f"report that sweeps them all): ratio {result['digital_over_all_learned']:.2f}x")
     print("each curve alone: " + ", ".join(f"{mode} {t:.1f} s ({t / learned:.1f}x)" for mode, t in alone.items()))
     print("the digital sweep's stages: " + ", ".join(f"{stage} {t:.1f} s ({t / learned:.2f}x)" for stage, t in stages.items())
           + " (link: CRC, LDPC, QAM, channel, demapping, decoding; codec: JPEG choice, coding, bitstream;"

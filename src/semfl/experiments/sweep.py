@@ -145,6 +145,27 @@ def _component(key: str, value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "x"
 
 
+def _refuse_sets_of_the_grid(point_sets: list[str], axes: dict[str, list], variants: dict[str, list[str]]) -> None:
+    """A ``--set`` applies to every point after its axis values and variant, so one of a key that an
+    axis or a variant sets (or of a table holding such a key) would run the same value in every
+    point under labels that say otherwise: refused, naming what to change instead."""
+    def covers(key: str, grid_key: str) -> bool:
+        return grid_key == key or grid_key.startswith(key + ".")
+
+    for key in dict.fromkeys(s.split("=", 1)[0].strip() for s in point_sets):
+        axis = next((a for a in axes if covers(key, a)), None)
+        if axis is not None:
+            raise ConfigError(f"--set {key}=...: {axis} is an axis of this sweep ({literal(axes[axis])}), so every "
+                              f"point would take the same value under its own label; change the axis instead: "
+                              f"--set sweep.{axis}=[...]")
+        for name, sets in variants.items():
+            set_there = next((k for k in (v.split("=", 1)[0].strip() for v in sets) if covers(key, k)), None)
+            if set_there is not None:
+                raise ConfigError(f"--set {key}=...: the sweep's variant {name!r} sets {set_there} itself, and the "
+                                  f"--set would override it under the variant's name; change the variant in the "
+                                  f"sweep file instead")
+
+
 def load_sweep(path: str | Path, cli_sets: list[str] | None = None) -> Sweep:
     """Read a sweep file and expand its grid (configs are validated later, per point)."""
     path = Path(path)
@@ -172,16 +193,12 @@ def load_sweep(path: str | Path, cli_sets: list[str] | None = None) -> Sweep:
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.{key}: expected a non-empty list of values, got {values!r}"
-                              + (f" (on the command line: --set sweep.{key}=[{literal(values)}])"
-                                 if not isinstance(values, (list, dict)) else ""))
+                              + (f" (a list: {key} = [{literal(values)}] in the file, --set sweep.{key}=[{literal(values)}]"
+                                 " on the command line)" if not isinstance(values, (list, dict)) else ""))
         if len(set(map(literal, values))) != len(values):
             raise ConfigError(f"sweep.{key}: repeated values {values!r}")
 
-    for key in dict.fromkeys(s.split("=", 1)[0].strip() for s in point_sets):
-        if key in axes:  # the --set would win over the axis: every point the same, labelled as if not
-            raise ConfigError(f"--set {key}=...: {key} is an axis of this sweep ({literal(axes[key])}), so every point "
-                              f"would take the same value under its own label; change the axis instead: "
-                              f"--set sweep.{key}=[...]")
+    _refuse_sets_of_the_grid(point_sets, axes, variants)
 
     # the variant dimension: method axis values, then variants (merged by name)
     dim: dict[str, list[str]] = {}

@@ -186,22 +186,22 @@ def demap_maxlog(demapper, y: torch.Tensor, no: torch.Tensor) -> torch.Tensor:
     the per-bit maxima read the rows in place instead of gathering copies."""
     points = demapper.constellation()
     y1, no1 = y.reshape(-1), torch.broadcast_to(no, y.shape).reshape(-1)
+    c0, c1 = demapper._logits2llrs._c0, demapper._logits2llrs._c1  # [points / 2, bits]: labels with bit 0 / 1
+    binary = _labels_are_binary(c0, c1, c0.shape[1])
     step = max(1, DEMAP_SLOTS // len(points)) if y1.device.type == "cpu" else len(y1)
-    if len(y1) > step:  # symbols are independent: in chunks whose buffers stay in the CPU's cache
-        llr = torch.cat([_demap_flat(demapper, points, y1[i:i + step], no1[i:i + step])
-                         for i in range(0, len(y1), step)])
-    else:
-        llr = _demap_flat(demapper, points, y1, no1)
+    # symbols are independent: in chunks whose buffers stay in the CPU's cache
+    llr = torch.cat([_demap_flat(demapper, points, c0, c1, binary, y1[i:i + step], no1[i:i + step])
+                     for i in range(0, len(y1), step)]) if len(y1) > step else \
+        _demap_flat(demapper, points, c0, c1, binary, y1, no1)
     return llr.reshape(*y.shape[:-1], -1)
 
 
-def _demap_flat(demapper, points: torch.Tensor, y1: torch.Tensor, no1: torch.Tensor) -> torch.Tensor:
+def _demap_flat(demapper, points: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, binary: bool,
+                y1: torch.Tensor, no1: torch.Tensor) -> torch.Tensor:
     """:func:`demap_maxlog` of flat symbols ``y1`` with noise variances ``no1``: [symbols, bits]."""
     exponents = (y1.unsqueeze(0) - points.unsqueeze(1)).abs()
     exponents.square_().neg_().div_(torch.clamp_min(no1, demapper._no_threshold))
-    c0, c1 = demapper._logits2llrs._c0, demapper._logits2llrs._c1  # [points / 2, bits]: labels with bit 0 / 1
     m = c0.shape[1]
-    binary = _labels_are_binary(c0, c1, m)
     llr = torch.empty(m, y1.numel(), dtype=exponents.dtype, device=exponents.device)
     for b in range(m):
         if binary:

@@ -47,6 +47,7 @@ from semfl.experiments.bench_smoke import SMOKE_CONFIG, smoke_runs
 from semfl.files import CHECKOUT, checkout_root
 
 REPO = CHECKOUT  # children run in the checkout (configs/, benchmarks/), where relative paths resolve as in the docs
+FLOWER_SCRIPT = "benchmarks/flower_baseline.py"  # Flower's own simulation of the same workload
 PARTS = ("smoke", "overhead", "flower", "scaling", "scaling-psfl", "vmap", "precision", "workers", "psfl", "compute")
 
 
@@ -296,7 +297,7 @@ def _child(argv: list[str], timeout: float, env_extra: dict[str, str] | None = N
     env = {**os.environ, **(env_extra or {})}
     tic = time.perf_counter()
     proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=REPO if REPO.is_dir() else None)
+                          cwd=REPO if (REPO / "pyproject.toml").is_file() else None)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:3])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -356,8 +357,7 @@ def flower_compare(quick: bool, device: str, semfl_repeats: int, timeout: float)
         sets = workload(quick, device, "fedavg", per_user=per_user)
         flat = sum((["--set", s] for s in sets), [])
         env = {"OMP_NUM_THREADS": str(cores), "SEMFL_BENCH_RAY_CPUS": str(cores)}
-        flower = _child([str(checkout_root("benchmarks/flower_baseline.py") / "benchmarks" / "flower_baseline.py"), "--json",
-                         *flat], timeout, env)
+        flower = _child([str(checkout_root(FLOWER_SCRIPT) / FLOWER_SCRIPT), "--json", *flat], timeout, env)
         # semfl end to end in a fresh process too (import, data, classifier from cache, model, R rounds)
         semfl = _child(["-m", "semfl.experiments.bench.bench", "--end-to-end", *flat], timeout, env)
         # with several cores semfl runs both ways: intra-op threads, and one worker process per core

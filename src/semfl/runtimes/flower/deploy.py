@@ -237,7 +237,7 @@ class LocalDeployment:
             (self.work / "superlink.db").unlink()  # a fresh SuperLink; the run itself resumes from its checkpoint
         if self.tls:
             make_certificates(self.work / "certs")
-        with _terminate_as_interrupt():
+        with _terminate_as_interrupt() as stopping:
             try:
                 port = self.start_superlink()
                 self.start_supernodes(port)
@@ -251,6 +251,7 @@ class LocalDeployment:
                     raise DeployError(f"run {run_id} ended as {status}; see the ServerApp's log "
                                       f"{self.work / 'logs' / 'serverapp.log'} and the others beside it")
             finally:
+                stopping()  # from here a signal is ignored, so it cannot cut the stopping short
                 self.stop_all()
         if not (self.out / "report.html").exists():
             raise DeployError(f"the run finished but wrote no report in {self.out}")
@@ -262,21 +263,25 @@ class LocalDeployment:
 def _terminate_as_interrupt():
     """SIGTERM and SIGHUP (``kill``, a closed terminal, a job scheduler stopping the job) end the
     deployment as Ctrl-C does, through the code that stops every Flower process it started; by
-    default they would end Python at once and leave those processes running. A second signal while
-    the processes are being stopped is ignored, so it cannot cut the stopping short."""
+    default they would end Python at once and leave those processes running. A signal that is
+    ignored already (SIGHUP under ``nohup``) stays ignored. Yields ``stopping()``: call it before
+    stopping the processes; later signals are then ignored, so none can cut the stopping short."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield lambda: None
         return
-    received: list[int] = []
+    state = {"stopping": False}
 
     def interrupt(signum, frame):
-        if not received:
-            received.append(signum)
+        if not state["stopping"]:
+            state["stopping"] = True
             raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    for sig, handler in previous.items():
+        if handler is signal.SIG_DFL:
+            signal.signal(sig, interrupt)
     try:
-        yield
+        yield lambda: state.update(stopping=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 
 from semfl.wireless.codecs import Payload
 from semfl.config import Config, dump_config
+from semfl.files import CHECKOUT
 from semfl.runtimes.flower.node import run_key
 from semfl.runtimes.charging import LinkCharging
 from semfl.runtimes.flower.wire import FETCH_STATE, HELLO, message_type, payload_to_record, record_to_payload, unflatten_state
@@ -157,7 +158,7 @@ def resolve_run_config(run_config: dict[str, Any]) -> tuple[Config, Path, bool]:
     elif path:
         candidate = Path(path).expanduser()
         if not candidate.is_absolute() and not candidate.is_file():
-            candidate = Path(__file__).resolve().parents[4] / path  # the repository of an editable install
+            candidate = CHECKOUT / path  # the repository of an editable install
         cfg = load_config(candidate, overrides)
     else:
         raise ConfigError("flower run config: set `config` (a TOML path) or `config-toml`")
