@@ -397,6 +397,32 @@ def test_rows_not_needed_are_not_decoded_and_the_others_are_unchanged():
     assert not part[1][~need].any() and not part[0][~need].any()
 
 
+def test_a_corrupt_stream_that_passes_the_crc_is_decoded_as_received_and_scored_apart():
+    """A block whose errors slip past its CRC: the image is decoded from the bits received (not
+    taken from the cache of its own payload), marked OTHER, and scored on its own; the cache of
+    that quality still holds the genuine image's scores afterwards."""
+    images = smooth_images(6)
+    labels = torch.arange(6) % 10
+    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    torch.nn.init.normal_(classifier[1].weight, std=0.05, generator=torch.Generator().manual_seed(0))
+    enc, qi = separation.EncodedSet(images), 5
+    genuine = [(qi, p) for p in enc.payloads(qi)]
+    corrupt = bytearray(genuine[1][1])
+    corrupt[len(corrupt) // 2] ^= 0x10  # one bit flipped in the entropy-coded data
+    streams = genuine[:1] + [(qi, bytes(corrupt))] + genuine[2:]
+    chosen, ok, fallback = np.full(6, qi), np.ones(6, dtype=bool), images.mean(0)
+    recon, lost, source = separation._reconstruct(enc, chosen, streams, ok, fallback)
+    assert lost == 0 and list(source) == [qi, separation.OTHER, qi, qi, qi, qi]
+    assert not np.array_equal((recon[1] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy(), enc.own(qi, 1))
+    assert np.array_equal((recon[1] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy(), enc.decoded(qi, bytes(corrupt)))
+    scored = separation.quality(recon, images, labels, classifier, 500, enc, source)
+    assert scored == separation.quality(recon, images, labels, classifier)
+    clean, _, clean_source = separation._reconstruct(enc, chosen, genuine, ok, fallback)
+    assert list(clean_source) == [qi] * 6  # the genuine image 1 was not cached as the corrupt one
+    assert separation.quality(clean, images, labels, classifier, 500, enc, clean_source) == \
+        separation.quality(clean, images, labels, classifier)
+
+
 def test_cached_scores_equal_scoring_each_reconstruction_directly():
     """quality() with the images' sources (cached SSIM and classifier verdicts) equals quality() on
     the reconstructions alone, also the second time, when every score comes from the cache."""
