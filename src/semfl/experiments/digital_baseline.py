@@ -135,18 +135,19 @@ def cmd_bench(args) -> int:
     alone = {mode: median(f"{mode}_alone_s") for mode in separation.MODES}
     stages = {stage: median(f"digital_{stage}_s") for stage in separation.STAGES}
     floor = median("floor_s")
+    also = {arch: median(f"learned_{arch}_s") for arch in others}
     result = {"dataset": args.dataset, "arch": args.arch, "scale": args.scale, "device": args.device,
               "test_samples": len(run.test_x), "snr_db": args.snr, "ratio": ratio, "repeats": rows,
               "learned_sweep_s": learned, "digital_sweep_s": digital, "digital_over_learned": digital / learned,
               "curve_alone_over_learned": {mode: t / learned for mode, t in alone.items()},
               "digital_stage_s": stages, "digital_stage_over_learned": {k: t / learned for k, t in stages.items()},
               "undecodable_snr_db": rows[-1]["undecodable_snr_db"], "floor_s": floor, "floor_over_learned": floor / learned,
-              "also": {arch: {"ratio": channel_uses_ratio(other, run.test_x), "learned_sweep_s": median(f"learned_{arch}_s"),
-                              "digital_over_learned": digital / median(f"learned_{arch}_s")} for arch, other in others.items()},
+              "also": {arch: {"ratio": channel_uses_ratio(other, run.test_x), "learned_sweep_s": also[arch],
+                              "digital_over_learned": digital / also[arch]} for arch, other in others.items()},
               "torch_threads": torch.get_num_threads(), "load_avg_1min_at_end": os.getloadavg()[0],
               "cpu_count": os.cpu_count()}
     if others:  # a run's report sweeps all its models (PSFL: the student and its mentors) and the baseline once
-        together = learned + sum(entry["learned_sweep_s"] for entry in result["also"].values())
+        together = learned + sum(also.values())
         result.update(all_learned_sweep_s=together, digital_over_all_learned=digital / together)
     atomic_text(Path(args.out) / f"digital-bench-{args.device}.json", json.dumps(result, indent=1))
     print(f"{len(run.test_x)} images x {len(args.snr)} SNRs, {args.arch} ({args.scale}, k/n={ratio:.3g}) on {args.device}: "

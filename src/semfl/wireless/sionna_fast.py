@@ -25,6 +25,21 @@ CHUNK_SLOTS = 2 ** 19  # padded variable-node message slots decoded at once on a
 DEMAP_SLOTS = 2 ** 20  # (constellation point, symbol) distances demapped at once on a CPU
 
 
+def _rows_at_once(slots_per_row: int, budget: int, x: torch.Tensor) -> int:
+    """Rows of ``x`` to process at once: ``budget // slots_per_row`` on a CPU (their buffers stay in
+    its cache), all of them elsewhere."""
+    return max(1, budget // slots_per_row) if x.device.type == "cpu" else max(1, len(x))
+
+
+def _in_chunks(run, rows: int, *tensors: torch.Tensor):
+    """``run(*tensors)``, on consecutive slices of ``rows`` along dim 0 when there are more rows, the
+    outputs (a tensor or a tuple of tensors) concatenated: the same values for row-wise ``run``."""
+    if len(tensors[0]) <= rows:
+        return run(*tensors)
+    parts = [run(*(t[i:i + rows] for t in tensors)) for i in range(0, len(tensors[0]), rows)]
+    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else tuple(map(torch.cat, zip(*parts)))
+
+
 def _phi_(x: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
     """Sionna's ``phi(x) = -log(tanh(x / 2))`` for float32 as ``log(e^x + 1) - log(e^x - 1)``, with one
     ``exp``, computed in place: ``x`` is overwritten, the result is written into ``spare``."""
@@ -136,11 +151,8 @@ class FastLDPC5GDecoder(LDPC5GDecoder):
         if self._c2v_callbacks or self._v2c_callbacks or self._harq_mode or not self._hard_out:
             raise ValueError("decode_until_valid needs hard output and no callbacks or HARQ")
         num_iter = self._num_iter if num_iter is None else num_iter
-        rows = max(1, CHUNK_SLOTS // self._vn_mask.numel()) if llr_ch.device.type == "cpu" else len(llr_ch)
-        if len(llr_ch) > rows:
-            parts = [self._decode_chunk(llr_ch[i:i + rows], crc_dec, num_iter) for i in range(0, len(llr_ch), rows)]
-            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        return self._decode_chunk(llr_ch, crc_dec, num_iter)
+        rows = _rows_at_once(self._vn_mask.numel(), CHUNK_SLOTS, llr_ch)
+        return _in_chunks(lambda llr: self._decode_chunk(llr, crc_dec, num_iter), rows, llr_ch)
 
     def _decode_chunk(self, llr_ch: torch.Tensor, crc_dec, num_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.encoder.k
@@ -188,11 +200,8 @@ def demap_maxlog(demapper, y: torch.Tensor, no: torch.Tensor) -> torch.Tensor:
     y1, no1 = y.reshape(-1), torch.broadcast_to(no, y.shape).reshape(-1)
     c0, c1 = demapper._logits2llrs._c0, demapper._logits2llrs._c1  # [points / 2, bits]: labels with bit 0 / 1
     binary = _labels_are_binary(c0, c1, c0.shape[1])
-    step = max(1, DEMAP_SLOTS // len(points)) if y1.device.type == "cpu" else len(y1)
-    # symbols are independent: in chunks whose buffers stay in the CPU's cache
-    llr = torch.cat([_demap_flat(demapper, points, c0, c1, binary, y1[i:i + step], no1[i:i + step])
-                     for i in range(0, len(y1), step)]) if len(y1) > step else \
-        _demap_flat(demapper, points, c0, c1, binary, y1, no1)
+    llr = _in_chunks(lambda ys, nos: _demap_flat(demapper, points, c0, c1, binary, ys, nos),
+                     _rows_at_once(len(points), DEMAP_SLOTS, y1), y1, no1)  # symbols are independent
     return llr.reshape(*y.shape[:-1], -1)
 
 
