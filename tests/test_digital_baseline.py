@@ -21,6 +21,20 @@ def smooth_images(n: int, seed: int = 0) -> torch.Tensor:
     return torch.nn.functional.interpolate(low, size=(28, 28), mode="bilinear", align_corners=False)
 
 
+def toy_classifier() -> torch.nn.Module:
+    """A seeded linear classifier of 28x28 images: scores that differ between reconstructions."""
+    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    torch.nn.init.normal_(classifier[1].weight, std=0.05, generator=torch.Generator().manual_seed(0))
+    return classifier
+
+
+def _fixture_data(fmnist_root, shared_cache) -> list[str]:
+    """`semfl baseline` options for the fixture dataset and a quickly trained, shared classifier."""
+    sets = [f"data.root={fmnist_root}", f"classifier.cache_dir={shared_cache}", "data.download=false",
+            "classifier.epochs=3"]
+    return [a for s in sets for a in ("--set", s)]
+
+
 def test_header_stripping_round_trips_and_counts_the_headers():
     img = (smooth_images(1)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     for name in image_codec.available():
@@ -181,10 +195,8 @@ def test_bench_times_the_three_curves_and_each_alone_against_the_learned_sweep(f
     monkeypatch.setattr(common, "snr_sweep", lambda run, models: swept.append(
         {label: type(m).__name__ for label, m in models.items()}) or snr_sweep(run, models))
 
-    sets = [f"data.root={fmnist_root}", f"classifier.cache_dir={shared_cache}", "data.download=false",
-            "classifier.epochs=3"]
     args = ["baseline", "bench", "--scale", "tiny", "--samples", "24", "--snr", "0", "20", "--repeats", "1",
-            "--also", "gsc-m", "--out", str(tmp_path)] + [a for s in sets for a in ("--set", s)]
+            "--also", "gsc-m", "--out", str(tmp_path)] + _fixture_data(fmnist_root, shared_cache)
     assert main(args) == 0
     result = json.loads((tmp_path / "digital-bench-cpu.json").read_text())
     row = result["repeats"][0]
@@ -218,11 +230,9 @@ def test_baseline_digital_command_writes_the_three_curves_and_their_figure(fmnis
 
     from semfl.cli import main
 
-    sets = [f"data.root={fmnist_root}", f"classifier.cache_dir={shared_cache}", "data.download=false",
-            "classifier.epochs=3"]
     out = tmp_path / channel
     args = ["baseline", "digital", "--scale", "tiny", "--samples", "24", "--ratio", "0.25", "--snr", "0", "10", "25",
-            "--channel", channel, "--out", str(out)] + [a for s in sets for a in ("--set", s)]
+            "--channel", channel, "--out", str(out)] + _fixture_data(fmnist_root, shared_cache)
     assert main(args) == 0
     doc = json.loads((out / "digital_baseline.json").read_text())
     assert (out / "snr_sweep.png").stat().st_size > 0
@@ -403,8 +413,7 @@ def test_a_corrupt_stream_that_passes_the_crc_is_decoded_as_received_and_scored_
     that quality still holds the genuine image's scores afterwards."""
     images = smooth_images(6)
     labels = torch.arange(6) % 10
-    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
-    torch.nn.init.normal_(classifier[1].weight, std=0.05, generator=torch.Generator().manual_seed(0))
+    classifier = toy_classifier()
     enc, qi = separation.EncodedSet(images), 5
     genuine = [(qi, p) for p in enc.payloads(qi)]
     corrupt = bytearray(genuine[1][1])
@@ -428,8 +437,7 @@ def test_cached_scores_equal_scoring_each_reconstruction_directly():
     the reconstructions alone, also the second time, when every score comes from the cache."""
     images = smooth_images(24)
     labels = torch.arange(24) % 10
-    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
-    torch.nn.init.normal_(classifier[1].weight, std=0.05, generator=torch.Generator().manual_seed(0))
+    classifier = toy_classifier()
     enc = separation.EncodedSet(images)
     for snr in (10.0, 30.0, 10.0):  # some lost (fallback) at 10 dB, none at 30 dB; then all cached
         seed_channels(7)
